@@ -1,0 +1,1 @@
+"""Hydra configs for ``dkm-palett-train`` (a package so they ship with ``pip install``)."""

@@ -1,0 +1,23 @@
+"""dkm_palett: palettization (weight clustering) for PyTorch, trained with DKM, exported to Core ML."""
+
+from dkm_palett.config.coreml_style import OpPalettizerConfig, OptimizationConfig
+from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig
+from dkm_palett.config.spec_style import (
+    KMeansPalettizerConfig,
+    ModuleKMeansPalettizerConfig,
+    OpKMeansPalettizerConfig,
+)
+from dkm_palett.dkm import FakePalettize
+from dkm_palett.export import export_coreml, load_compressed, read_back_lut_weights, save_compressed
+from dkm_palett.lut import PalettizedTensor, palettized_tensors
+from dkm_palett.palettizer import DKMPalettizer
+from dkm_palett.post_training import KMeansPalettizer, SensitiveKMeansPalettizer, palettize_weights
+from dkm_palett.spec import PalettizationSpec
+
+__all__ = [
+    "DKMPalettizer", "DKMPalettizerConfig", "ModuleDKMPalettizerConfig", "FakePalettize",
+    "palettize_weights", "OpPalettizerConfig", "OptimizationConfig",
+    "KMeansPalettizer", "KMeansPalettizerConfig", "ModuleKMeansPalettizerConfig", "OpKMeansPalettizerConfig",
+    "SensitiveKMeansPalettizer", "PalettizationSpec", "PalettizedTensor", "palettized_tensors",
+    "export_coreml", "save_compressed", "load_compressed", "read_back_lut_weights",
+]

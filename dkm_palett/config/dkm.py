@@ -1,0 +1,267 @@
+"""Training-time (DKM) configs, with coremltools' field names: ModuleDKMPalettizerConfig and DKMPalettizerConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from dkm_palett.config.base import ConfigIO, load_yaml_mapping
+from dkm_palett.module_support import resolve_type_key, type_name
+from dkm_palett.spec import (
+    ALLOWED_N_BITS,
+    GRANULARITIES,
+    PalettizationSpec,
+    PerGroupedChannelGranularity,
+    PerTensorGranularity,
+    canonical_lut_dtype,
+)
+from dkm_palett.validation import check_choice, check_int, check_keys, check_number, check_type
+
+KMEANS_INITS = ("cpu.kmeans++", "kmeans_pp", "efficient_kmeans", "opt1d", "uniform")
+PALETT_MODES = ("dkm", "gsm", "hard")
+DKM_IMPLS = ("auto", "dense", "binned")
+_ACT_DTYPES = {"qint8": torch.qint8, "quint8": torch.quint8, torch.qint8: torch.qint8, torch.quint8: torch.quint8}
+_ACT_RANGES = {torch.qint8: (-128, 127), torch.quint8: (0, 255)}
+
+
+@dataclass
+class ModuleDKMPalettizerConfig(ConfigIO):
+    """How DKM palettizes one module. Field names and defaults follow coremltools' ModuleDKMPalettizerConfig.
+
+    Beyond coremltools: ``granularity``/``group_size`` (one LUT per group of output channels),
+    ``enable_per_channel_scale``, ``lut_dtype`` (modern spelling of ``cluster_dtype``), and the speed controls
+    ``dkm_impl`` (``auto``: binned for scalar LUTs on large tensors, ``dense``: exact DKM on every weight,
+    ``binned``) and ``dkm_bins``.
+    """
+
+    n_bits: Optional[int] = None
+    weight_threshold: int = 2048
+    milestone: int = 0
+    cluster_dim: Optional[int] = None
+    quant_min: int = -128
+    quant_max: int = 127
+    dtype: Any = torch.qint8
+    cluster_dtype: str = "f32"
+    quantize_activations: bool = False
+    partition_size: int = 2000000000
+    cluster_permute: Optional[tuple] = None
+    palett_max_mem: float = 1.0
+    kmeans_max_iter: int = 3
+    prune_threshold: float = 0.0
+    kmeans_init: str = "cpu.kmeans++"
+    kmeans_opt1d_threshold: int = 1024
+    enforce_zero: bool = False
+    palett_mode: str = "dkm"
+    palett_tau: float = 1e-4
+    palett_epsilon: float = 1e-4
+    palett_lambda: float = 0.0
+    add_extra_centroid: bool = False
+    palett_cluster_tol: float = 0.05
+    granularity: str = "per_tensor"
+    group_size: Optional[int] = None
+    enable_per_channel_scale: bool = False
+    lut_dtype: Optional[str] = None
+    dkm_impl: str = "auto"
+    dkm_bins: int = 65536
+
+    def __post_init__(self):
+        if self.n_bits is not None:
+            check_choice("n_bits", self.n_bits, ALLOWED_N_BITS)
+        check_int("weight_threshold", self.weight_threshold, minimum=0)
+        check_int("milestone", self.milestone, minimum=0)
+        if self.cluster_dim is not None:
+            check_int("cluster_dim", self.cluster_dim, minimum=1)
+        check_int("quant_min", self.quant_min)
+        check_int("quant_max", self.quant_max)
+        if self.dtype not in _ACT_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not allowed; allowed values: torch.qint8, torch.quint8 "
+                             "(or the strings 'qint8', 'quint8').")
+        self.dtype = _ACT_DTYPES[self.dtype]
+        lo, hi = _ACT_RANGES[self.dtype]
+        if not lo <= self.quant_min < self.quant_max <= hi:
+            raise ValueError(f"quant_min={self.quant_min}, quant_max={self.quant_max} must satisfy "
+                             f"{lo} <= quant_min < quant_max <= {hi} for dtype={self.dtype}.")
+        self.cluster_dtype = canonical_lut_dtype(self.cluster_dtype, "cluster_dtype")
+        if self.lut_dtype is not None:
+            self.lut_dtype = canonical_lut_dtype(self.lut_dtype, "lut_dtype")
+            if self.cluster_dtype != "f32" and self.cluster_dtype != self.lut_dtype:
+                raise ValueError(f"cluster_dtype={self.cluster_dtype!r} and lut_dtype={self.lut_dtype!r} disagree; "
+                                 "lut_dtype is the modern spelling of cluster_dtype, set only one.")
+            self.cluster_dtype = self.lut_dtype
+        self.lut_dtype = self.cluster_dtype
+        check_type("quantize_activations", self.quantize_activations, bool)
+        check_int("partition_size", self.partition_size, minimum=1)
+        if self.cluster_permute is not None:
+            if not isinstance(self.cluster_permute, (tuple, list)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in self.cluster_permute
+            ) or sorted(self.cluster_permute) != list(range(len(self.cluster_permute))):
+                raise ValueError(f"cluster_permute={self.cluster_permute!r} must be a permutation of the weight's "
+                                 "dimensions, e.g. (1, 0) for a Linear or (1, 0, 2, 3) for a Conv2d.")
+            self.cluster_permute = tuple(self.cluster_permute)
+        check_number("palett_max_mem", self.palett_max_mem, minimum=0.0, maximum=1.0, strict_min=True)
+        check_int("kmeans_max_iter", self.kmeans_max_iter, minimum=1)
+        check_number("prune_threshold", self.prune_threshold, minimum=0.0)
+        check_choice("kmeans_init", self.kmeans_init, KMEANS_INITS)
+        check_int("kmeans_opt1d_threshold", self.kmeans_opt1d_threshold, minimum=0)
+        check_type("enforce_zero", self.enforce_zero, bool)
+        check_choice("palett_mode", self.palett_mode, PALETT_MODES)
+        check_number("palett_tau", self.palett_tau, minimum=0.0, strict_min=True)
+        check_number("palett_epsilon", self.palett_epsilon, minimum=0.0)
+        check_number("palett_lambda", self.palett_lambda, minimum=0.0)
+        check_type("add_extra_centroid", self.add_extra_centroid, bool)
+        check_number("palett_cluster_tol", self.palett_cluster_tol, minimum=0.0, maximum=1.0)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.group_size is not None:
+            check_int("group_size", self.group_size, minimum=1)
+        if self.granularity == "per_tensor" and self.group_size is not None:
+            raise ValueError("group_size is only used with granularity='per_grouped_channel'; "
+                             "set granularity='per_grouped_channel' or drop group_size.")
+        check_type("enable_per_channel_scale", self.enable_per_channel_scale, bool)
+        check_choice("dkm_impl", self.dkm_impl, DKM_IMPLS)
+        check_int("dkm_bins", self.dkm_bins, minimum=16)
+        if self.cluster_dim not in (None, 1) and self.dkm_impl == "binned":
+            raise ValueError("dkm_impl='binned' needs scalar LUTs (cluster_dim=1); use 'dense' or 'auto' for vectors.")
+        if self.add_extra_centroid and self.n_bits == 8:
+            raise ValueError("add_extra_centroid=True needs 2**n_bits + 1 LUT entries, which an 8-bit index cannot "
+                             "address; use n_bits <= 6.")
+
+    # -------------------------------------------------------------------------------- resolution per module
+    def n_bits_for(self, module: nn.Module) -> int:
+        """``n_bits``, or its default: 4 for Linear, 2 for other modules."""
+        if self.n_bits is not None:
+            return self.n_bits
+        return 4 if isinstance(module, nn.Linear) else 2
+
+    def to_spec(self, module: nn.Module, weight: torch.Tensor, name: str = "weight") -> PalettizationSpec:
+        """The PalettizationSpec this config gives ``weight`` of ``module``; raises ValueError naming ``name``."""
+        shape = tuple(weight.shape)
+        axis = 0
+        if self.cluster_permute is not None:
+            if len(self.cluster_permute) != len(shape):
+                raise ValueError(f"{name}: cluster_permute={self.cluster_permute} has {len(self.cluster_permute)} "
+                                 f"entries but the weight has {len(shape)} dimensions (shape {shape}).")
+            axis = self.cluster_permute[0]
+        granularity: Any = PerTensorGranularity()
+        if self.granularity == "per_grouped_channel":
+            granularity = PerGroupedChannelGranularity(axis=axis, group_size=self.group_size or 16)
+        elif self.partition_size < weight.numel():
+            per_channel = weight.numel() // shape[axis]
+            if self.partition_size % per_channel:
+                raise ValueError(f"{name}: partition_size={self.partition_size} must be a multiple of the "
+                                 f"{per_channel} elements per channel (shape {shape}).")
+            granularity = PerGroupedChannelGranularity(axis=axis, group_size=self.partition_size // per_channel)
+        spec = PalettizationSpec(
+            n_bits=self.n_bits_for(module), granularity=granularity, cluster_dim=self.cluster_dim or 1,
+            lut_dtype=self.lut_dtype, enable_per_channel_scale=self.enable_per_channel_scale, channel_axis=axis,
+        )
+        spec.check_shape(shape, name)
+        return spec
+
+
+ModuleConfigEntry = Union[ModuleDKMPalettizerConfig, list, None]
+
+
+@dataclass
+class DKMPalettizerConfig(ConfigIO):
+    """Which modules DKM palettizes and how. Precedence: ``module_name_configs``, then ``module_type_configs``,
+    then ``global_config``. Type keys are classes or dotted strings; a type entry may be a list of configs chosen by
+    ``weight_threshold`` (the largest threshold the module exceeds wins). Name keys may be regexes. ``None`` = skip.
+    """
+
+    global_config: Optional[ModuleDKMPalettizerConfig] = field(default_factory=ModuleDKMPalettizerConfig)
+    module_type_configs: dict = field(default_factory=dict)
+    module_name_configs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.global_config, dict):
+            self.global_config = ModuleDKMPalettizerConfig.from_dict(self.global_config)
+        if self.global_config is not None:
+            check_type("global_config", self.global_config, ModuleDKMPalettizerConfig)
+        check_type("module_type_configs", self.module_type_configs, dict)
+        check_type("module_name_configs", self.module_name_configs, dict)
+        self.module_type_configs = {
+            resolve_type_key(k): _module_entry(v, f"module_type_configs[{k!r}]", allow_list=True)
+            for k, v in self.module_type_configs.items()
+        }
+        self.module_name_configs = {
+            str(k): _module_entry(v, f"module_name_configs[{k!r}]", allow_list=False)
+            for k, v in self.module_name_configs.items()
+        }
+
+    # fluent setters (coremltools compatible)
+    def set_global(self, config: Optional[ModuleDKMPalettizerConfig]) -> "DKMPalettizerConfig":
+        self.global_config = _module_entry(config, "global_config", allow_list=False)
+        return self
+
+    def set_module_type(self, object_type: Any, config: ModuleConfigEntry) -> "DKMPalettizerConfig":
+        self.module_type_configs[resolve_type_key(object_type)] = _module_entry(
+            config, f"module_type_configs[{object_type!r}]", allow_list=True)
+        return self
+
+    def set_module_name(self, module_name: str, config: Optional[ModuleDKMPalettizerConfig]) -> "DKMPalettizerConfig":
+        self.module_name_configs[module_name] = _module_entry(
+            config, f"module_name_configs[{module_name!r}]", allow_list=False)
+        return self
+
+    # dict / yaml round trip
+    def as_dict(self) -> dict:
+        def entry(v):
+            if isinstance(v, list):
+                return [c.as_dict() for c in v]
+            return None if v is None else v.as_dict()
+
+        return {
+            "global_config": None if self.global_config is None else self.global_config.as_dict(),
+            "module_type_configs": {type_name(k): entry(v) for k, v in self.module_type_configs.items()},
+            "module_name_configs": {k: entry(v) for k, v in self.module_name_configs.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DKMPalettizerConfig":
+        check_keys("DKMPalettizerConfig", data, ("global_config", "module_type_configs", "module_name_configs"))
+        data = dict(data)
+        if "global_config" in data and isinstance(data["global_config"], dict):
+            data["global_config"] = ModuleDKMPalettizerConfig.from_dict(data["global_config"])
+        return cls(**data)
+
+
+def _module_entry(value: Any, where: str, allow_list: bool) -> ModuleConfigEntry:
+    if value is None or isinstance(value, ModuleDKMPalettizerConfig):
+        return value
+    if isinstance(value, dict):
+        try:
+            return ModuleDKMPalettizerConfig.from_dict(value)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{where}: {err}") from None
+    if isinstance(value, (list, tuple)):
+        if not allow_list:
+            raise TypeError(f"{where}: a list of configs is only allowed for module_type_configs.")
+        entries = [_module_entry(v, where, allow_list=False) for v in value]
+        if any(e is None for e in entries):
+            raise TypeError(f"{where}: a list entry cannot be None; drop it instead.")
+        return entries
+    raise TypeError(f"{where} must be a ModuleDKMPalettizerConfig, a dict, None"
+                    f"{' or a list of those' if allow_list else ''}; got {type(value).__name__}.")
+
+
+def load_dkm_config(source: Any) -> DKMPalettizerConfig:
+    """A DKMPalettizerConfig from a config, a dict, a YAML path/stream, or None (defaults)."""
+    if source is None:
+        return DKMPalettizerConfig()
+    if isinstance(source, DKMPalettizerConfig):
+        return source
+    if isinstance(source, ModuleDKMPalettizerConfig):
+        return DKMPalettizerConfig(global_config=source)
+    if isinstance(source, dict):
+        return DKMPalettizerConfig.from_dict(source)
+    if hasattr(source, "read") or isinstance(source, str) or hasattr(source, "__fspath__"):
+        return DKMPalettizerConfig.from_dict(load_yaml_mapping(source))
+    raise TypeError(f"config must be a DKMPalettizerConfig, a dict, a YAML path or None; got {type(source).__name__}.")
+
+
+def _fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModuleDKMPalettizerConfig))

@@ -1,0 +1,259 @@
+"""FakePalettize: the DKM layer, registered as a parametrization on a module's weight."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dkm_palett import kmeans as km
+from dkm_palett.config.dkm import ModuleDKMPalettizerConfig
+from dkm_palett.dkm_math import BinnedDKM, DenseDKM, DKMParams, chunk_rows
+from dkm_palett.lut import (
+    PalettizedTensor,
+    broadcast_scale,
+    channel_scale,
+    from_grouped_vectors,
+    nearest_entry,
+    palettize_with_lut,
+    round_lut,
+    to_grouped_vectors,
+)
+from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
+from dkm_palett.validation import check_finite
+
+_INIT_POINTS = 2 ** 16  # scalar k-means initialisation runs on at most this many weighted bins
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: CUDA's free memory, or MemAvailable from /proc/meminfo on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2 ** 30
+
+
+class FakePalettize(nn.Module):
+    """Differentiable k-means palettization of one weight (a ``torch.nn.utils.parametrize`` parametrization).
+
+    In training it runs DKM: soft attention to the centroids, ``kmeans_max_iter`` centroid updates warm-started
+    from the previous step, output ``A @ C``. In eval it snaps each weight to its nearest (stored-dtype) centroid,
+    exactly what :meth:`to_palettized` (and so ``finalize``) produces. Disabled (before the milestone) it is the
+    identity. State lives in persistent buffers so checkpoints carry it.
+    """
+
+    def __init__(self, spec: PalettizationSpec, config: ModuleDKMPalettizerConfig, shape: tuple[int, ...],
+                 name: str = "weight"):
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.name = name
+        self.shape = tuple(shape)
+        self.axis = spec.axis
+        self.group_size = spec.group_size_for(self.shape)
+        n_groups = self.shape[self.axis] // self.group_size
+        self.n_clusters = spec.n_clusters + (1 if config.add_extra_centroid else 0)
+        zero_index = None
+        if config.add_extra_centroid:
+            zero_index = self.n_clusters - 1
+        self.register_buffer("centroids", torch.zeros(n_groups, self.n_clusters, spec.cluster_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("enabled", torch.tensor(config.milestone == 0))
+        self.register_buffer("zero_index", torch.tensor(-1 if zero_index is None else zero_index))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("last_error", torch.tensor(float("nan")))
+        self._seed = zlib.crc32(name.encode())
+
+    # ------------------------------------------------------------------------------------ helpers
+    @property
+    def index_bits(self) -> int:
+        """Index width at export: ``n_bits``, or the next width Core ML holds when an extra centroid was added."""
+        need = math.ceil(math.log2(self.n_clusters))
+        return min(b for b in ALLOWED_N_BITS if b >= need)
+
+    def params(self) -> DKMParams:
+        cfg = self.config
+        zi = int(self.zero_index)
+        return DKMParams(
+            tau=cfg.palett_tau, mode=cfg.palett_mode, max_iter=cfg.kmeans_max_iter, epsilon=cfg.palett_epsilon,
+            lam=cfg.palett_lambda, zero_index=None if zi < 0 else zi, lut_dtype=self.spec.lut_dtype,
+            quant_min=cfg.quant_min, quant_max=cfg.quant_max, seed=self._seed + int(self.steps),
+        )
+
+    def _prepare_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Prune, scale and regroup the weight into ``(G, N, D)`` float32 vectors (differentiable)."""
+        w = weight.float()
+        if self.config.prune_threshold > 0:
+            w = torch.nn.functional.hardshrink(w, self.config.prune_threshold)
+        scale = None
+        if self.spec.enable_per_channel_scale:
+            scale = channel_scale(w.detach(), self.axis)
+            w = w / broadcast_scale(scale, self.shape, self.axis)
+        return to_grouped_vectors(w, self.axis, self.group_size, self.spec.cluster_dim), scale
+
+    def _finish_output(self, out: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        dense = from_grouped_vectors(out, self.shape, self.axis, self.group_size)
+        if scale is not None:
+            dense = dense * broadcast_scale(scale, self.shape, self.axis)
+        return dense.to(dtype)
+
+    def _budget(self, device: torch.device) -> float:
+        return self.config.palett_max_mem * available_memory_bytes(device)
+
+    def use_binned(self, weight: torch.Tensor) -> bool:
+        cfg = self.config
+        if self.spec.cluster_dim != 1 or cfg.palett_mode != "dkm":
+            return False
+        if cfg.dkm_impl == "binned":
+            return True
+        if cfg.dkm_impl == "dense":
+            return False
+        return weight.numel() // self.centroids.shape[0] > cfg.dkm_bins or self._exact_bins(weight)
+
+    def _exact_bins(self, weight: torch.Tensor) -> bool:
+        return weight.dtype in (torch.float16, torch.bfloat16) and not self.spec.enable_per_channel_scale
+
+    # ------------------------------------------------------------------------------------ init
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """k-means on the first enabled forward, per LUT group, with ``kmeans_init``."""
+        cfg = self.config
+        groups, _, dim = x.shape
+        k = self.n_clusters - (1 if cfg.add_extra_centroid else 0)
+        gen = torch.Generator().manual_seed(self._seed)
+        out = torch.zeros(groups, self.n_clusters, dim)
+        for g in range(groups):
+            points, weights = _compress_points(x[g].float().cpu())
+            method = cfg.kmeans_init
+            if method in ("cpu.kmeans++", "kmeans_pp", "efficient_kmeans"):
+                use_opt1d = dim == 1 and self.shape[self.axis] >= cfg.kmeans_opt1d_threshold
+                method = "opt1d" if use_opt1d else "kmeans++"
+            elif method == "opt1d" and dim > 1:
+                method = "kmeans++"
+            if method == "uniform":
+                if dim > 1:
+                    raise ValueError(f"{self.name}: kmeans_init='uniform' needs cluster_dim=1.")
+                cents = km.uniform_centroids(points[:, 0], k).reshape(k, 1)
+            else:
+                cents = km.kmeans(points, k, weights, method=method, generator=gen)
+            out[g, :k] = cents.reshape(k, dim)
+        if cfg.enforce_zero and not cfg.add_extra_centroid:
+            idx = out.norm(dim=-1).argmin(dim=1)
+            self.zero_index.fill_(int(idx[0]))
+            out[torch.arange(groups), idx] = 0
+        self.centroids.copy_(out.to(self.centroids.device))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def split_duplicates(self, x: torch.Tensor) -> int:
+        """palett_cluster_tol: move centroids closer than ``tol * range / K`` to the worst-fit weight vector."""
+        tol = self.config.palett_cluster_tol
+        if tol <= 0:
+            return 0
+        moved = 0
+        zi = int(self.zero_index)
+        for g in range(self.centroids.shape[0]):
+            c = self.centroids[g]
+            spread = (x[g].amax(0) - x[g].amin(0)).norm().item()
+            limit = tol * spread / self.n_clusters
+            dist = torch.cdist(c, c)
+            dist.fill_diagonal_(float("inf"))
+            dup = torch.triu(dist < limit, diagonal=1).any(dim=0).nonzero().flatten().tolist()
+            dup = [j for j in dup if j != zi]
+            if not dup:
+                continue
+            idx = nearest_entry(x[g:g + 1], c.unsqueeze(0))[0]
+            err = (x[g] - c[idx]).pow(2).sum(-1)
+            for j in dup:
+                worst = int(err.argmax())
+                c[j] = x[g, worst]
+                err[worst] = -1
+                moved += 1
+        return moved
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not bool(self.enabled):
+            return weight
+        try:
+            return self._palettize(weight)
+        except AttributeError as err:  # parametrized attribute access would mask it as "no attribute 'weight'"
+            raise RuntimeError(f"{self.name}: DKM forward failed: {err}") from err
+
+    def _palettize(self, weight: torch.Tensor) -> torch.Tensor:
+        check_finite(self.name, weight.detach())
+        x, scale = self._prepare_input(weight)
+        if not bool(self.initialized):
+            self.initialize(x.detach())
+        if not self.training:
+            lut = round_lut(self.centroids, self.spec.lut_dtype, self.config.quant_min, self.config.quant_max)
+            idx = nearest_entry(x.detach(), lut)
+            hard = torch.gather(lut, 1, idx.unsqueeze(-1).expand(-1, -1, lut.shape[-1]))
+            out = x + (hard - x).detach()
+            return self._finish_output(out, scale, weight.dtype)
+        self.split_duplicates(x.detach())
+        p = self.params()
+        c0 = self.centroids.to(x.dtype).clone()
+        if self.use_binned(weight):
+            out, c = BinnedDKM.apply(x, c0, p, self.config.dkm_bins, self._exact_bins(weight))
+        else:
+            rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, self._budget(x.device) / x.shape[0])
+            out, c = DenseDKM.apply(x, c0, p, rows)
+        with torch.no_grad():
+            self.centroids.copy_(c)
+            self.steps += 1
+            self.last_error.fill_(((out - x) ** 2).mean().sqrt().item())
+        return self._finish_output(out, scale, weight.dtype)
+
+    # ------------------------------------------------------------------------------------ finalize
+    @torch.no_grad()
+    def to_palettized(self, weight: torch.Tensor) -> PalettizedTensor:
+        """Hard-assign ``weight`` to the learned (stored-dtype) LUT: the record finalize attaches."""
+        check_finite(self.name, weight)
+        x, scale = self._prepare_input(weight)
+        if not bool(self.initialized):
+            self.initialize(x)
+        spec = self.spec
+        if self.index_bits != spec.n_bits:
+            spec = PalettizationSpec(n_bits=self.index_bits, granularity=spec.granularity,
+                                     cluster_dim=spec.cluster_dim, lut_dtype=spec.lut_dtype,
+                                     enable_per_channel_scale=spec.enable_per_channel_scale,
+                                     channel_axis=spec.channel_axis)
+        lut = self.centroids.float().cpu()
+        if lut.shape[1] < spec.n_clusters:  # pad the LUT to 2**index_bits entries; the pads are never indexed
+            pad = lut[:, -1:].expand(-1, spec.n_clusters - lut.shape[1], -1)
+            lut = torch.cat([lut, pad], dim=1)
+        pre = weight.float()
+        if self.config.prune_threshold > 0:
+            pre = torch.nn.functional.hardshrink(pre, self.config.prune_threshold)
+        return palettize_with_lut(pre.to(weight.dtype), lut, spec, scale, self.config.quant_min,
+                                  self.config.quant_max)
+
+    def extra_repr(self) -> str:
+        return (f"n_bits={self.spec.n_bits}, cluster_dim={self.spec.cluster_dim}, groups={self.centroids.shape[0]}, "
+                f"lut_dtype={self.spec.lut_dtype}, mode={self.config.palett_mode}")
+
+
+def _compress_points(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weighted points for initialisation: distinct values (scalars: at most ``_INIT_POINTS`` bin means)."""
+    if x.shape[1] == 1 and x.shape[0] > _INIT_POINTS:
+        v = x[:, 0]
+        uniq, counts = torch.unique(v, return_counts=True)
+        if uniq.numel() <= _INIT_POINTS:
+            return uniq.unsqueeze(1), counts.float()
+        lo, hi = v.min(), v.max()
+        b = ((v - lo) / (hi - lo) * (_INIT_POINTS - 1)).round().long()
+        counts = torch.bincount(b, minlength=_INIT_POINTS).double()
+        sums = torch.bincount(b, weights=v.double(), minlength=_INIT_POINTS)
+        keep = counts > 0
+        return (sums[keep] / counts[keep]).float().unsqueeze(1), counts[keep].float()
+    return x, None

@@ -1,0 +1,289 @@
+"""The one LUT/indices representation, shared by DKM finalize, post-training, report and both exports.
+
+Internal layout ("grouped vectors"): a weight of shape ``S`` with channel axis ``a`` and ``C = S[a]`` channels is
+viewed as ``(G, M, D)``: ``G`` LUT groups of ``group_size`` channels, ``M`` vectors per group, ``D = cluster_dim``
+consecutive channels per vector. A LUT is ``(G, K, D)`` and indices are ``(G, M)``.
+
+Core ML layout (``constexpr_lut_to_dense``, iOS18): indices have the weight's shape with ``S[a] / D`` along the
+vector axis; the LUT has rank ``len(S) + 2``: ``G`` along ``a``, 1 elsewhere, then ``K`` and ``D``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dkm_palett.spec import PalettizationSpec
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def to_grouped_vectors(weight: torch.Tensor, axis: int, group_size: int, cluster_dim: int) -> torch.Tensor:
+    """View ``weight`` as ``(G, M, D)`` vectors (see module docstring). Returns a new contiguous tensor."""
+    w = weight.movedim(axis, 0)
+    channels = w.shape[0]
+    w = w.reshape(channels, -1)
+    rest = w.shape[1]
+    groups = channels // group_size
+    w = w.reshape(groups, group_size // cluster_dim, cluster_dim, rest).permute(0, 1, 3, 2)
+    return w.reshape(groups, (group_size // cluster_dim) * rest, cluster_dim).contiguous()
+
+
+def from_grouped_vectors(x: torch.Tensor, shape: tuple[int, ...], axis: int, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`to_grouped_vectors`."""
+    groups, _, cluster_dim = x.shape
+    moved = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis)
+    rest = int(np.prod(moved[1:])) if len(moved) > 1 else 1
+    w = x.reshape(groups, group_size // cluster_dim, rest, cluster_dim).permute(0, 1, 3, 2)
+    return w.reshape(moved).movedim(0, axis).contiguous()
+
+
+def channel_scale(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-channel scale along ``axis``: the channel's max |w| (1 for an all-zero channel). Shape ``(C,)``."""
+    w = weight.detach().movedim(axis, 0).reshape(weight.shape[axis], -1)
+    scale = w.abs().amax(dim=1).float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def broadcast_scale(scale: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return scale.reshape(view)
+
+
+# ----------------------------------------------------------------------------------------- LUT dtypes
+
+_FLOAT_CASTS = {
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+_FLOAT_MAX = {"f16": 65504.0, "bf16": 3.38e38, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+
+
+@dataclass
+class LutQuantization:
+    """An integer LUT: ``lut = (q - zero_point) * scale`` with one scale/zero point per LUT group."""
+
+    q: torch.Tensor  # (G, K, D) int8 or uint8
+    scale: torch.Tensor  # (G,) float32
+    zero_point: torch.Tensor  # (G,) int32
+
+    def dequantize(self) -> torch.Tensor:
+        view = (-1, 1, 1)
+        return (self.q.float() - self.zero_point.reshape(view).float()) * self.scale.reshape(view)
+
+
+def integer_lut_range(lut_dtype: str, quant_min: int = -128, quant_max: int = 127) -> tuple[int, int]:
+    """The integer range of a quantized LUT: ``[quant_min, quant_max]`` for i8, ``[0, 255]`` for u8."""
+    if lut_dtype == "i8":
+        return max(quant_min, -128), min(quant_max, 127)
+    return 0, 255
+
+
+def quantize_lut_int(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128,
+                     quant_max: int = 127) -> LutQuantization:
+    """Quantize a ``(G, K, D)`` LUT to int8 (symmetric) or uint8 (affine), one scale per group."""
+    lo, hi = integer_lut_range(lut_dtype, quant_min, quant_max)
+    flat = lut.detach().float().reshape(lut.shape[0], -1)
+    if lut_dtype == "i8":
+        bound = min(-lo, hi)
+        scale = flat.abs().amax(dim=1) / bound
+        zero_point = torch.zeros(lut.shape[0], dtype=torch.int32)
+    else:
+        vmin = flat.amin(dim=1).clamp(max=0)
+        vmax = flat.amax(dim=1).clamp(min=0)
+        scale = (vmax - vmin) / (hi - lo)
+        zero_point = torch.zeros(lut.shape[0], dtype=torch.int32)
+        nonzero = scale > 0
+        zero_point[nonzero] = (lo - torch.round(vmin[nonzero] / scale[nonzero])).clamp(lo, hi).to(torch.int32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    view = (-1, 1, 1)
+    q = torch.round(lut.detach().float() / scale.reshape(view)) + zero_point.reshape(view)
+    q = q.clamp(lo, hi).to(torch.int8 if lut_dtype == "i8" else torch.uint8)
+    return LutQuantization(q=q, scale=scale.float(), zero_point=zero_point)
+
+
+def round_lut(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128, quant_max: int = 127) -> torch.Tensor:
+    """The LUT values as they will be stored (not differentiable). Raises if a float LUT overflows its dtype."""
+    if lut_dtype == "f32":
+        return lut.float()
+    if lut_dtype in ("i8", "u8"):
+        return quantize_lut_int(lut, lut_dtype, quant_min, quant_max).dequantize().to(lut.device)
+    peak = lut.detach().abs().max().item() if lut.numel() else 0.0
+    if peak > _FLOAT_MAX[lut_dtype]:
+        raise ValueError(
+            f"a LUT entry of magnitude {peak:.4g} does not fit lut_dtype={lut_dtype!r} (max {_FLOAT_MAX[lut_dtype]}); "
+            "enable per-channel scale or choose a wider lut_dtype."
+        )
+    return lut.to(_FLOAT_CASTS[lut_dtype]).float()
+
+
+def fake_quantize_lut(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128, quant_max: int = 127) -> torch.Tensor:
+    """Round the LUT to its storage dtype in the forward pass, straight-through in the backward pass."""
+    if lut_dtype == "f32":
+        return lut
+    return lut + (round_lut(lut, lut_dtype, quant_min, quant_max) - lut).detach()
+
+
+# ----------------------------------------------------------------------------------------- indices
+
+
+def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Pack integer indices into a little-endian bitstream of uint8 (``ceil(numel * n_bits / 8)`` bytes)."""
+    idx = indices.detach().reshape(-1).to(torch.int64).cpu().numpy()
+    if idx.size and (idx.min() < 0 or idx.max() >= 2 ** n_bits):
+        raise ValueError(f"indices must lie in [0, {2 ** n_bits - 1}] to pack at {n_bits} bits.")
+    bits = ((idx[:, None] >> np.arange(n_bits)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="little"))
+
+
+def unpack_indices(packed: torch.Tensor, n_bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: ``count`` indices as int64."""
+    bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), bitorder="little")[: count * n_bits]
+    weights = (1 << np.arange(n_bits)).astype(np.int64)
+    return torch.from_numpy(bits.reshape(count, n_bits).astype(np.int64) @ weights)
+
+
+def nearest_entry(vectors: torch.Tensor, lut: torch.Tensor, max_chunk_elems: int = 2 ** 24) -> torch.Tensor:
+    """Hard assignment: index of the nearest LUT entry for each vector, per group. ``(G,M,D), (G,K,D) -> (G,M)``."""
+    groups, count, dim = vectors.shape
+    out = torch.empty(groups, count, dtype=torch.int64, device=vectors.device)
+    if dim == 1:
+        for g in range(groups):
+            centers, order = torch.sort(lut[g, :, 0])
+            mids = (centers[1:] + centers[:-1]) / 2
+            pos = torch.bucketize(vectors[g, :, 0].contiguous(), mids.contiguous(), right=False)
+            out[g] = order[pos]
+        return out
+    chunk = max(1, max_chunk_elems // max(1, lut.shape[1]))
+    for g in range(groups):
+        c = lut[g]
+        c_sq = (c * c).sum(-1)
+        for start in range(0, count, chunk):
+            v = vectors[g, start:start + chunk]
+            dist = c_sq[None, :] - 2 * v @ c.T
+            out[g, start:start + chunk] = dist.argmin(dim=1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the record
+
+
+@dataclass
+class PalettizedTensor:
+    """A palettized weight: ``dense = lut[group][indices] (* per-channel scale)``, in the grouped layout."""
+
+    lut: torch.Tensor  # (G, K, D) float32: the stored values (already rounded to lut_dtype)
+    indices: torch.Tensor  # (G, M) int64
+    shape: tuple[int, ...]
+    axis: int
+    group_size: int
+    n_bits: int
+    lut_dtype: str = "f32"
+    scale: Optional[torch.Tensor] = None  # (C,) float32 per-channel scale along axis
+    lut_quant: Optional[LutQuantization] = None  # set for i8/u8 LUTs
+    dtype: torch.dtype = torch.float32  # dtype of the dense weight
+
+    @property
+    def cluster_dim(self) -> int:
+        return self.lut.shape[-1]
+
+    @property
+    def n_groups(self) -> int:
+        return self.lut.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        vectors = torch.gather(
+            self.lut, 1, self.indices.unsqueeze(-1).expand(-1, -1, self.cluster_dim)
+        )
+        dense = from_grouped_vectors(vectors, self.shape, self.axis, self.group_size)
+        if self.scale is not None:
+            dense = dense * broadcast_scale(self.scale, self.shape, self.axis)
+        return dense.to(self.dtype)
+
+    # Core ML layout --------------------------------------------------------------------------------
+    def coreml_indices(self) -> torch.Tensor:
+        """Indices shaped like the weight with ``shape[axis] / cluster_dim`` along the vector axis."""
+        moved = [self.shape[self.axis] // self.cluster_dim] + [s for i, s in enumerate(self.shape) if i != self.axis]
+        idx = self.indices.reshape(self.n_groups, self.group_size // self.cluster_dim, -1)
+        return idx.reshape(moved).movedim(0, self.axis).contiguous()
+
+    def coreml_lut(self, values: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LUT of rank ``len(shape) + 2``: groups along ``axis``, then ``(K, D)``."""
+        values = self.lut if values is None else values
+        view = [1] * len(self.shape)
+        view[self.axis] = self.n_groups
+        return values.reshape(*view, values.shape[1], values.shape[2])
+
+    def storage_bits(self) -> int:
+        """Bits needed to store this tensor compressed: packed indices + LUT (+ scales)."""
+        lut_bits = {"f32": 32, "f16": 16, "bf16": 16, "i8": 8, "u8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.lut_dtype]
+        bits = self.indices.numel() * self.n_bits + self.lut.numel() * lut_bits
+        if self.lut_quant is not None:
+            bits += self.n_groups * (32 + 32)
+        if self.scale is not None:
+            bits += self.scale.numel() * 32
+        return bits
+
+
+def palettize_with_lut(weight: torch.Tensor, lut: torch.Tensor, spec: PalettizationSpec,
+                       scale: Optional[torch.Tensor] = None, quant_min: int = -128,
+                       quant_max: int = 127) -> PalettizedTensor:
+    """Round ``lut`` (``(G,K,D)``, in the scaled domain) to its dtype and hard-assign ``weight`` to it."""
+    weight = weight.detach()
+    shape = tuple(weight.shape)
+    axis = spec.axis
+    group_size = spec.group_size_for(shape)
+    scaled = weight.float()
+    if scale is not None:
+        scaled = scaled / broadcast_scale(scale, shape, axis)
+    vectors = to_grouped_vectors(scaled, axis, group_size, spec.cluster_dim)
+    lut_quant = None
+    if spec.lut_dtype in ("i8", "u8"):
+        lut_quant = quantize_lut_int(lut, spec.lut_dtype, quant_min, quant_max)
+        stored = lut_quant.dequantize()
+    else:
+        stored = round_lut(lut, spec.lut_dtype)
+    stored = stored.to(vectors.device)
+    indices = nearest_entry(vectors, stored)
+    return PalettizedTensor(
+        lut=stored.cpu(), indices=indices.cpu(), shape=shape, axis=axis, group_size=group_size, n_bits=spec.n_bits,
+        lut_dtype=spec.lut_dtype, scale=None if scale is None else scale.float().cpu(), lut_quant=lut_quant,
+        dtype=weight.dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------- on modules
+
+_ATTR = "_palettized_tensors"
+
+
+def attach(module: nn.Module, param_name: str, record: PalettizedTensor) -> None:
+    """Write ``record`` into ``module.<param_name>`` as a plain parameter and remember the record."""
+    param = getattr(module, param_name)
+    with torch.no_grad():
+        param.copy_(record.to_dense().to(param.device, param.dtype))
+    records = module.__dict__.setdefault(_ATTR, {})
+    records[param_name] = record
+
+
+def records_of(module: nn.Module) -> dict[str, PalettizedTensor]:
+    return module.__dict__.get(_ATTR, {})
+
+
+def palettized_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, PalettizedTensor]]:
+    """Yield ``(qualified_name, module, param_name, record)`` for every palettized weight in ``model``."""
+    for mod_name, module in model.named_modules():
+        for param_name, record in records_of(module).items():
+            full = f"{mod_name}.{param_name}" if mod_name else param_name
+            yield full, module, param_name, record

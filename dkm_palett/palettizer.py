@@ -1,0 +1,167 @@
+"""DKMPalettizer: prepare (insert DKM layers), step (milestones), finalize (LUT[indices] weights), report."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
+from dkm_palett.dkm import FakePalettize
+from dkm_palett.lut import attach, palettized_tensors
+from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
+from dkm_palett.report import Report, record_stats
+
+
+def _activation_hook(module: nn.Module, _inputs, output):
+    fq = module.activation_fake_quant
+    if isinstance(output, tuple):
+        return (fq(output[0]),) + tuple(output[1:])
+    return fq(output)
+
+
+def fake_palettizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, FakePalettize]]:
+    """Yield ``(qualified_name, module, param_name, FakePalettize)`` for every prepared weight."""
+    for mod_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, plist in module.parametrizations.items():
+            for fp in plist:
+                if isinstance(fp, FakePalettize):
+                    full = f"{mod_name}.{param_name}" if mod_name else param_name
+                    yield full, module, param_name, fp
+
+
+class DKMPalettizer:
+    """Palettize a model with DKM: ``prepare`` -> train with ``step()`` per batch -> ``finalize`` -> ``report``."""
+
+    def __init__(self, model: nn.Module, config: Any = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.config: DKMPalettizerConfig = load_dkm_config(config)
+        self.step_count = 0
+        self.skipped: dict[str, str] = {}
+        self._final_stats: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------------------------ config resolution
+    def module_config(self, name: str, module: nn.Module) -> tuple[Optional[ModuleDKMPalettizerConfig], bool]:
+        """The config for ``module`` and whether it was chosen explicitly (by exact name or by type)."""
+        cfg = self.config
+        if name in cfg.module_name_configs:
+            return cfg.module_name_configs[name], True
+        for pattern, entry in cfg.module_name_configs.items():
+            if name_matches(pattern, name):
+                return entry, False
+        for cls in type(module).__mro__:
+            if cls in cfg.module_type_configs:
+                entry = cfg.module_type_configs[cls]
+                if isinstance(entry, list):
+                    entry = self._by_threshold(entry, module)
+                return entry, cls is type(module) or entry is not None
+        return cfg.global_config, False
+
+    @staticmethod
+    def _by_threshold(entries: list, module: nn.Module) -> Optional[ModuleDKMPalettizerConfig]:
+        sizes = [getattr(module, p).numel() for p in supported_params(module)] or [0]
+        numel = max(sizes)
+        fitting = [e for e in entries if numel > e.weight_threshold]
+        return max(fitting, key=lambda e: e.weight_threshold) if fitting else None
+
+    # ------------------------------------------------------------------------------------ prepare
+    def prepare(self, inplace: bool = False) -> nn.Module:
+        """Insert a FakePalettize parametrization on every weight the config selects."""
+        model = self.model if inplace else copy.deepcopy(self.model)
+        self.skipped = {}
+        for name, module in list(model.named_modules()):
+            if parametrize.is_parametrized(module) and any(True for _ in fake_palettizers(module)):
+                continue
+            cfg, explicit = self.module_config(name, module)
+            if cfg is None:
+                continue
+            if not is_supported(module):
+                if explicit:
+                    supported = ", ".join(sorted(type_name(t) for t in SUPPORTED_PARAMS))
+                    raise ValueError(f"module {name!r} ({type(module).__name__}) is configured explicitly but cannot be "
+                                     f"palettized; supported module types: {supported}.")
+                if isinstance(getattr(module, "weight", None), nn.Parameter) and not list(module.children()):
+                    self.skipped[name] = f"unsupported module type {type(module).__name__}"
+                continue
+            for param_name in supported_params(module):
+                weight = getattr(module, param_name)
+                full = f"{name}.{param_name}" if name else param_name
+                if weight.numel() <= cfg.weight_threshold:
+                    self.skipped[full] = f"{weight.numel()} elements <= weight_threshold={cfg.weight_threshold}"
+                    continue
+                spec = cfg.to_spec(module, weight, full)
+                fp = FakePalettize(spec, cfg, tuple(weight.shape), name=full).to(weight.device)
+                parametrize.register_parametrization(module, param_name, fp, unsafe=True)
+            if cfg.quantize_activations and not hasattr(module, "activation_fake_quant"):
+                self._add_activation_quant(module, cfg)
+        self.model = model
+        self._sync_enabled()
+        return model
+
+    @staticmethod
+    def _add_activation_quant(module: nn.Module, cfg: ModuleDKMPalettizerConfig) -> None:
+        from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+        module.activation_fake_quant = FakeQuantize(
+            observer=MovingAverageMinMaxObserver, quant_min=cfg.quant_min, quant_max=cfg.quant_max,
+            dtype=cfg.dtype, qscheme=torch.per_tensor_affine,
+        )
+        module.register_forward_hook(_activation_hook)
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self) -> None:
+        """Count one training step; layers whose ``milestone`` is reached start palettizing."""
+        self.step_count += 1
+        self._sync_enabled()
+
+    def _sync_enabled(self) -> None:
+        for _, _, _, fp in fake_palettizers(self.model):
+            fp.enabled.fill_(self.step_count >= fp.config.milestone)
+
+    def state_dict(self) -> dict:
+        return {"step_count": int(self.step_count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self._sync_enabled()
+
+    # ------------------------------------------------------------------------------------ finalize
+    def finalize(self, model: Optional[nn.Module] = None, inplace: bool = False) -> nn.Module:
+        """Replace every DKM layer by a plain weight equal to ``LUT[indices]``; keep the LUT/indices record."""
+        model = self.model if model is None else model
+        if not inplace:
+            model = copy.deepcopy(model)
+        self._final_stats = {}
+        for full, module, param_name, fp in list(fake_palettizers(model)):
+            original = getattr(module.parametrizations, param_name).original.detach()
+            record = fp.to_palettized(original)
+            stats = record_stats(record, original)
+            stats.update(enabled=bool(fp.enabled), steps=int(fp.steps))
+            self._final_stats[full] = stats
+            parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
+            attach(module, param_name, record)
+        if model is self.model or inplace:
+            self.model = model
+        return model
+
+    # ------------------------------------------------------------------------------------ report
+    def report(self) -> Report:
+        """Per-weight statistics: clusters, cluster_dim, parameters, LUT dtype, bits, RMS clustering error."""
+        rows: dict[str, dict] = {}
+        for full, module, param_name, fp in fake_palettizers(self.model):
+            original = getattr(module.parametrizations, param_name).original.detach()
+            stats = record_stats(fp.to_palettized(original), original)
+            stats.update(enabled=bool(fp.enabled), steps=int(fp.steps))
+            rows[full] = stats
+        for full, _, _, record in palettized_tensors(self.model):
+            rows.setdefault(full, self._final_stats.get(full) or record_stats(record, None))
+        for name, reason in self.skipped.items():
+            rows[name] = {"palettized": False, "reason": reason}
+        return Report(rows)

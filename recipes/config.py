@@ -1,0 +1,110 @@
+"""Where the Hydra configs live, and the up-front checks that make a bad override fail before any training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def conf_dir() -> str:
+    """Absolute path of the ``conf`` folder: next to the ``recipes`` package (source tree or site-packages)."""
+    sibling = Path(__file__).resolve().parent.parent / "conf"
+    if (sibling / "config.yaml").is_file():
+        return str(sibling)
+    from importlib.resources import files
+
+    return str(files("conf"))
+
+
+def _field_names() -> tuple[str, ...]:
+    import dataclasses
+
+    from dkm_palett.config.dkm import ModuleDKMPalettizerConfig
+
+    return tuple(f.name for f in dataclasses.fields(ModuleDKMPalettizerConfig))
+
+
+def _prefixed(err: Exception, where: str = "palettization") -> Exception:
+    """Re-raise ``err`` with ``palettization.`` before the field it names (``palettization.n_bits=5 ...``)."""
+    msg = " ".join(str(err).split())
+    if msg.split("=")[0].split(" ")[0] in _field_names():
+        msg = f"{where}.{msg}"
+    else:
+        msg = f"{where}: {msg}"
+    return type(err)(msg)
+
+
+def build_dkm_config(palettization: Any, n_bits: int | None = None):
+    """``DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(**palettization))``; ``n_bits`` overrides."""
+    from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig
+
+    data = OmegaConf.to_container(palettization, resolve=True) if isinstance(palettization, DictConfig) \
+        else dict(palettization)
+    if n_bits is not None:
+        data["n_bits"] = n_bits
+    try:
+        return DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig.from_dict(data))
+    except (ValueError, TypeError) as err:
+        raise _prefixed(err) from None
+
+
+def check_layers(model, dkm_config) -> list[str]:
+    """Resolve the config on every weight of ``model`` exactly as DKMPalettizer.prepare would, without touching the
+    model; raise ValueError naming the layer and field when a weight cannot take it. Returns the weight names."""
+    from dkm_palett.module_support import is_supported, supported_params
+    from dkm_palett.palettizer import DKMPalettizer
+
+    palettizer = DKMPalettizer(model, dkm_config)
+    selected, largest = [], 0
+    for name, module in model.named_modules():
+        cfg, _ = palettizer.module_config(name, module)
+        if cfg is None or not is_supported(module):
+            continue
+        for param_name in supported_params(module):
+            weight = getattr(module, param_name)
+            full = f"{name}.{param_name}" if name else param_name
+            largest = max(largest, weight.numel())
+            if weight.numel() <= cfg.weight_threshold:
+                continue
+            try:
+                cfg.to_spec(module, weight, full)
+            except (ValueError, TypeError) as err:
+                raise _prefixed(err) from None
+            selected.append(full)
+    if not selected:
+        threshold = dkm_config.global_config.weight_threshold if dkm_config.global_config else None
+        raise ValueError(f"palettization.weight_threshold={threshold} leaves no weight to palettize (the largest "
+                         f"supported weight has {largest} elements); lower it below {largest}.")
+    return selected
+
+
+def resolve_checkpoint(path: Any) -> Path | None:
+    """The baseline checkpoint as an absolute path (relative to the launch folder), or a clear error."""
+    if path in (None, ""):
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"baseline.checkpoint must be a path or null, got {type(path).__name__} ({path!r}).")
+    resolved = Path(os.path.expanduser(os.fspath(path)))
+    if not resolved.is_absolute():
+        resolved = Path(os.getcwd()) / resolved
+    if not resolved.is_file():
+        raise FileNotFoundError(
+            f"baseline.checkpoint={os.fspath(path)!r} does not exist (looked at {resolved}); pass the "
+            "baseline.ckpt of an earlier run (outputs/<experiment>/<time>/baseline.ckpt) or baseline.checkpoint=null "
+            "to train a baseline.")
+    return resolved
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """``model`` and ``data`` need a ``_target_`` (the custom experiment leaves them to the user)."""
+    for group in ("model", "data"):
+        node = cfg.get(group)
+        if node is None or OmegaConf.is_missing(node, "_target_") or not node.get("_target_"):
+            raise ValueError(f"{group}._target_ is not set; the custom experiment needs "
+                             f"model._target_=<your LightningModule class> and data._target_=<your "
+                             "LightningDataModule class> (dotted import paths).")
+    if cfg.mode not in ("train", "compare"):
+        raise ValueError(f"mode={cfg.mode!r} is not allowed; allowed values: 'train', 'compare'.")

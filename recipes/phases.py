@@ -1,0 +1,169 @@
+"""The steps of a recipe run: trainers and loggers, baseline training/loading, evaluation, DKM fine-tuning, export."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+
+from dkm_palett.io import atomic_torch_save
+
+
+def loggers(run_dir: Path, phase: str) -> list:
+    """CSVLogger always (``<run>/logs/<phase>/metrics.csv``); TensorBoard too when it is installed."""
+    out = [CSVLogger(save_dir=str(run_dir), name="logs", version=phase)]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        out.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=phase))
+    return out
+
+
+def extra_callbacks(cfg: DictConfig) -> list:
+    """Every ``callbacks.<name>`` with a ``_target_`` except ``dkm``."""
+    return [instantiate(node) for key, node in (cfg.get("callbacks") or {}).items()
+            if key != "dkm" and node is not None and node.get("_target_")]
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, phase: str, callbacks: list = (), log: bool = True,
+                 **overrides) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` with this phase's loggers and callbacks."""
+    return instantiate(cfg.trainer, callbacks=list(callbacks) + extra_callbacks(cfg),
+                       logger=loggers(run_dir, phase) if log else False, default_root_dir=str(run_dir), **overrides)
+
+
+def set_lr(lit: Any, lr: Any) -> None:
+    """Set the module's ``lr`` attribute (read by its configure_optimizers) when the recipe gives one."""
+    if lr is not None and hasattr(lit, "lr"):
+        lit.lr = float(lr)
+
+
+def evaluate(cfg: DictConfig, lit: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path) -> dict:
+    """Run validation once; return the ``val_*`` metrics without the prefix (``accuracy``, ``loss``, ...)."""
+    trainer = make_trainer(cfg, run_dir, "eval", log=False)
+    results = trainer.validate(lit, datamodule=datamodule, verbose=False)
+    metrics = {}
+    for key, value in (results[0] if results else {}).items():
+        name = key[4:] if key.startswith("val_") else key
+        metrics[name] = float(value)
+    if not metrics:
+        raise ValueError("the model logged no validation metrics; log them in validation_step as val_<name> "
+                         "(e.g. self.log('val_accuracy', ...)).")
+    return metrics
+
+
+def train_baseline(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: Path) -> L.Trainer:
+    """Train the float baseline for ``baseline.max_epochs``, then save ``<run>/baseline.ckpt``."""
+    set_lr(lit, cfg.baseline.get("lr"))
+    trainer = make_trainer(cfg, run_dir, "baseline", max_epochs=int(cfg.baseline.max_epochs))
+    trainer.fit(lit, datamodule=datamodule)
+    atomic_torch_save({"state_dict": lit.state_dict()}, run_dir / "baseline.ckpt")
+    return trainer
+
+
+def load_baseline(lit: L.LightningModule, path: Path) -> None:
+    """Load a float checkpoint: ``{"state_dict": ...}`` (ours or Lightning's) or a bare state_dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a Lightning .ckpt with pickled hyper-parameters: the user's own file
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one clear line
+        raise ValueError(f"baseline.checkpoint={str(path)!r} is not a readable torch checkpoint ({err}).") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"baseline.checkpoint={str(path)!r} holds a {type(state).__name__}, not a state_dict.")
+    try:
+        lit.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()
+        detail = " ".join(line.strip() for line in first[1:3])
+        raise ValueError(f"baseline.checkpoint={str(path)!r} does not match the model ({detail}); "
+                         "it must come from the same model config.") from None
+
+
+def export_kinds(cfg: DictConfig) -> tuple[tuple[str, ...], dict]:
+    """The callback's ``exports`` for this config, and ``{kind: reason}`` for the ones that cannot run here."""
+    kinds, skipped = [], {}
+    if cfg.export.compressed:
+        kinds.append("safetensors")
+    if cfg.export.coreml:
+        if importlib.util.find_spec("coremltools") is None:
+            skipped["coreml"] = "coremltools is not installed (pip install 'dkm_palett[export]')"
+        else:
+            kinds.append("coreml")
+    return tuple(kinds), skipped
+
+
+def dkm_finetune(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: Path, dkm_config,
+                 phase: str = "dkm", export: bool = False, example: Any = None) -> tuple[Any, dict]:
+    """Fine-tune with the DKM callback, which finalizes at fit end (and, with ``export``, writes the Core ML and
+    portable files into ``<run>/<export.dir>``). Returns (callback, per-layer report)."""
+    from dkm_palett.lut import palettized_tensors
+
+    set_lr(lit, cfg.finetune.get("lr"))
+    kwargs: dict[str, Any] = {"config": dkm_config}
+    kinds, _ = export_kinds(cfg) if export else ((), {})
+    if kinds:
+        coreml_options = {"trace": cfg.export.get("trace", "torchscript")}
+        if cfg.export.get("minimum_deployment_target"):
+            coreml_options["minimum_deployment_target"] = cfg.export.minimum_deployment_target
+        kwargs.update(export_dir=str(run_dir / cfg.export.dir), exports=kinds,
+                      export_module=cfg.export.get("submodule") or None, example_inputs=example,
+                      coreml_options=coreml_options)
+    # (instantiate's own first parameter is named ``config``: bind the arguments through a partial)
+    callback = instantiate(cfg.callbacks.dkm, _partial_=True)(**kwargs)
+    trainer = make_trainer(cfg, run_dir, phase, callbacks=[callback])
+    trainer.fit(lit, datamodule=datamodule)
+    palettizer = getattr(callback, "palettizer", None)
+    if not any(True for _ in palettized_tensors(lit)):
+        if palettizer is None:
+            raise RuntimeError("the DKM callback left the model unfinalized and exposes no palettizer.")
+        palettizer.finalize(model=lit, inplace=True)
+    layers = dict(palettizer.report()) if palettizer is not None else {}
+    return callback, layers
+
+
+def artifacts(cfg: DictConfig, callback: Any) -> dict:
+    """``{kind: {path, file_bytes}}`` for what the callback exported (and why a requested export was skipped)."""
+    out: dict[str, dict] = {}
+    names = {"safetensors": "compressed", "coreml": "coreml", "report": "layer_report"}
+    for kind, path in (getattr(callback, "export_paths", None) or {}).items():
+        path = Path(path)
+        size = _tree_bytes(path) if path.is_dir() else path.stat().st_size
+        out[names.get(kind, kind)] = {"path": str(path), "file_bytes": size}
+    for kind, reason in export_kinds(cfg)[1].items():
+        out[kind] = {"path": None, "skipped": reason}
+    return out
+
+
+def example_inputs(lit: L.LightningModule, datamodule) -> Any:
+    """``example_input_array``, or the inputs of the first validation batch (first sample)."""
+    example = getattr(lit, "example_input_array", None)
+    if example is not None:
+        return example
+    batch = next(iter(datamodule.val_dataloader()))
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return x[:1]
+
+
+def export_target(cfg: DictConfig, lit: L.LightningModule) -> torch.nn.Module:
+    name = cfg.export.get("submodule")
+    if not name:
+        return lit
+    module = getattr(lit, name, None)
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"export.submodule={name!r}: the LightningModule has no submodule of that name; "
+                         "set export.submodule=null to export the whole LightningModule.")
+    return module
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,123 @@
+"""DKMPalettizationCallback under DDP on CPU (gloo, 2 processes): every rank ends with identical LUTs/indices/weights,
+only global rank 0 exports, and ``ddp_spawn`` hands the finalized weights back to the main process.
+
+Each strategy runs this file as a script in a subprocess (the ``ddp`` launcher re-executes the script for rank 1);
+every rank saves what it holds after fit to ``<out>/rank<r>.pt`` and the test compares the files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+L = pytest.importorskip("lightning")
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CONFIG = {
+    "global_config": {"n_bits": 2, "weight_threshold": 100},
+    "module_name_configs": {"net.3": {"n_bits": 3, "weight_threshold": 100, "milestone": 2}},
+}
+_DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+             "MASTER_ADDR", "MASTER_PORT")
+
+
+# ----------------------------------------------------------------------------------------------- script side
+
+
+class SaveRankState(Callback):
+    """After the DKM callback finalized: save this rank's LUTs, indices, weights and step count."""
+
+    def __init__(self, callback, out: Path):
+        self.callback, self.out = callback, out
+
+    def on_fit_end(self, trainer, pl_module):
+        from dkm_palett.io import atomic_torch_save
+        from dkm_palett.lut import palettized_tensors
+
+        records = {name: {"lut": rec.lut, "indices": rec.indices} for name, _, _, rec in palettized_tensors(pl_module)}
+        atomic_torch_save({"records": records, "state_dict": pl_module.state_dict(),
+                           "step_count": self.callback.step_count, "global_step": trainer.global_step,
+                           "world_size": trainer.world_size, "finalized": self.callback.finalized,
+                           "exported": sorted(self.callback.export_paths)},
+                          self.out / f"rank{trainer.global_rank}.pt")
+        trainer.strategy.barrier("saved")
+
+
+def run_training(strategy: str, out: Path) -> None:
+    import torch
+
+    from callbacks import DKMPalettizationCallback
+    from dkm_palett.io import atomic_torch_save
+    from helpers_lightning import DigitsClassifier, DigitsDataModule
+
+    torch.set_num_threads(1)
+    callback = DKMPalettizationCallback(CONFIG, export_dir=out / "artifacts", exports=("safetensors",))
+    module = DigitsClassifier()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[callback, SaveRankState(callback, out)])
+    trainer.fit(module, DigitsDataModule())
+    if strategy == "ddp_spawn":  # the main process: the workers' finalized weights were loaded into ``module``
+        atomic_torch_save({"state_dict": module.state_dict()}, out / "main.pt")
+
+
+# ----------------------------------------------------------------------------------------------- test side
+
+
+def _run_script(strategy: str, out: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _DIST_ENV and not k.startswith(("SLURM_", "PL_", "TORCHELASTIC_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), strategy, str(out)], cwd=str(out),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{strategy} run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_ranks_hold_identical_luts(strategy, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("lightning")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from dkm_palett.export import load_compressed
+    from helpers_lightning import DigitsClassifier
+
+    _run_script(strategy, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for state in ranks:
+        assert state["world_size"] == 2 and state["finalized"]
+        assert state["step_count"] == state["global_step"] == 8  # 512 samples / 2 ranks / 64 per batch * 2 epochs
+        assert sorted(state["records"]) == ["net.1.weight", "net.3.weight"]
+        assert not any("parametrizations" in k for k in state["state_dict"])
+    first, second = ranks
+    for name, rec in first["records"].items():
+        assert torch.equal(rec["lut"], second["records"][name]["lut"]), name
+        assert torch.equal(rec["indices"], second["records"][name]["indices"]), name
+        weight = first["state_dict"][name]
+        assert weight.unique().numel() <= rec["lut"].shape[1]
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+
+    # only global rank 0 exported; the export holds rank 0's weights
+    assert first["exported"] == ["report", "safetensors"] and second["exported"] == []
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["model.report.json", "model.safetensors"]
+    loaded = load_compressed(tmp_path / "artifacts" / "model.safetensors", DigitsClassifier(seed=1)).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in first["state_dict"].items())
+
+    if strategy == "ddp_spawn":
+        main = torch.load(tmp_path / "main.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(main[k], v) for k, v in first["state_dict"].items())
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT), str(HERE)]
+    run_training(sys.argv[1], Path(sys.argv[2]).resolve())
