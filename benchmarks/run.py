@@ -1,0 +1,341 @@
+"""Training-time DKM benchmark: dkm_palett vs coremltools' DKMPalettizer, side by side on CPU.
+
+Workload: ``Linear(d, d) -> ReLU -> Linear(d, 10)``, batch 64, SGD; only the first Linear is palettized
+(``weight_threshold = d*d - 1`` skips the d x 10 head). Each measurement runs in its own subprocess so the
+peak RSS belongs to one implementation. Per run we time the FIRST training step (includes k-means init) and
+the mean of the next 3 steps (forward + backward + optimizer step + palettizer.step()). "Extra peak memory"
+is the growth of ``ru_maxrss`` from just before ``prepare()`` (after one warm-up plain step) to after the
+timed steps, i.e. the memory DKM costs on top of plain training.
+
+Usage: ``python benchmarks/run.py [--quick]`` -> writes ``benchmarks/README.md`` and ``benchmarks/scaling.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TIMEOUT_S = 300
+N_STEPS = 3
+BATCH = 64
+
+
+def maxrss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def worker(spec: dict) -> dict:
+    import logging
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    sys.path.insert(0, ROOT)
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    d, impl = spec["d"], spec["impl"]
+    model = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10))
+    x = torch.randn(BATCH, d)
+    y = torch.randint(0, 10, (BATCH,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make_opt(m):
+        return torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+    opt = make_opt(model)
+
+    def train_step(m, o, p=None):
+        o.zero_grad(set_to_none=True)
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        o.step()
+        if p is not None:
+            p.step()
+        return float(loss)
+
+    train_step(model, opt)  # warm-up plain step: allocates grads/momentum buffers
+    rss0 = maxrss_mib()
+    p = None
+    if impl != "plain":
+        kw = dict(n_bits=spec["bits"], weight_threshold=d * d - 1, cluster_dim=spec.get("cd", 1))
+        kw.update(spec.get("extra", {}))
+        if impl == "ours":
+            from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
+        else:
+            from coremltools.optimize.torch.palettization import (
+                DKMPalettizer,
+                DKMPalettizerConfig,
+                ModuleDKMPalettizerConfig,
+            )
+        cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(**kw))
+        p = DKMPalettizer(model, cfg)
+        model = p.prepare(inplace=True)
+        opt = make_opt(model)
+    model.train()
+    times = []
+    for _ in range(1 + N_STEPS):
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, p)
+        times.append(time.perf_counter() - t0)
+    rss1 = maxrss_mib()
+    return {
+        "first_s": times[0],
+        "step_s": sum(times[1:]) / N_STEPS,
+        "extra_mib": rss1 - rss0,
+        "base_mib": rss0,
+        "loss": loss,
+    }
+
+
+def run_case(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=spec.get("timeout", TIMEOUT_S),
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
+    except subprocess.TimeoutExpired:
+        res = {"error": f"timeout >{spec.get('timeout', TIMEOUT_S)} s"}
+    else:
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode == 0 and lines:
+            res = json.loads(lines[-1][7:])
+        else:
+            tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+            res = {"error": f"rc={out.returncode}: {tail[:150]}"}
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"  {spec} -> {res}", file=sys.stderr, flush=True)
+    return {**spec, **res}
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def fs(v):
+    return "—" if v is None else (f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s")
+
+
+def fm(v):
+    return "—" if v is None else f"{v:.1f} MiB"
+
+
+def fr(a, b):
+    if a is None or b is None or a <= 0 or b <= 0:
+        return "—"
+    return f"{b / a:.1f}x"
+
+
+def cell(r, key, fmt):
+    if r is None:
+        return "not run"
+    if "error" in r:
+        return r["error"]
+    return fmt(r.get(key))
+
+
+def val(r, key):
+    return None if (r is None or "error" in r) else r.get(key)
+
+
+def cmp_table(rows, label):
+    """rows: list of (case label, ours result, coremltools result or None, plain result or None)."""
+    out = [
+        f"| {label} | plain step | ours first step | ours step | ct first step | ct step | ct/ours step "
+        "| ours extra peak | ct extra peak | ct/ours extra mem |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, o, c, pl in rows:
+        out.append(
+            f"| {name} | {cell(pl, 'step_s', fs)} | {cell(o, 'first_s', fs)} | {cell(o, 'step_s', fs)} "
+            f"| {cell(c, 'first_s', fs)} | {cell(c, 'step_s', fs)} | {fr(val(o, 'step_s'), val(c, 'step_s'))} "
+            f"| {cell(o, 'extra_mib', fm)} | {cell(c, 'extra_mib', fm)} "
+            f"| {fr(val(o, 'extra_mib'), val(c, 'extra_mib'))} |"
+        )
+    return "\n".join(out)
+
+
+def machine_info():
+    import torch
+
+    try:
+        import coremltools
+
+        ct_ver = coremltools.__version__
+    except Exception as e:  # pragma: no cover
+        ct_ver = f"unavailable ({e})"
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, RAM {mem}",
+        f"- OS: {platform.platform()}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, coremltools {ct_ver}",
+        "- Device: CPU only, fp32",
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="only d=1024 4-bit, both implementations")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=os.path.join(HERE, "README.md"))
+    ap.add_argument("--no-ptq", action="store_true", help="skip running post_training_mse.py")
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+
+    t_start = time.perf_counter()
+    R = {}
+
+    def get(key, **spec):
+        if key not in R:
+            R[key] = run_case(spec)
+        return R[key]
+
+    def plain(d):
+        return get(("plain", d), impl="plain", d=d)
+
+    def ours(d, bits=4, cd=1, **extra):
+        k = ("ours", d, bits, cd, tuple(sorted(extra.items())))
+        return get(k, impl="ours", d=d, bits=bits, cd=cd, extra=extra)
+
+    def ct(d, bits=4, cd=1):
+        return get(("ct", d, bits, cd), impl="coremltools", d=d, bits=bits, cd=cd)
+
+    sections = []
+    head_ds = [1024] if args.quick else [1024, 2048]
+    head = [(f"d={d} ({d * d / 2**20:.0f}M weights), 4-bit", ours(d), ct(d), plain(d)) for d in head_ds]
+    if not args.quick:
+        head.append(("d=1024, 4-bit, ours `dkm_impl=\"dense\"`", ours(1024, dkm_impl="dense"), ct(1024), plain(1024)))
+    sections.append("## Headline: d x d Linear, 4-bit, cluster_dim=1\n\n" + cmp_table(head, "case"))
+
+    scaling = []
+    if not args.quick:
+        rows = []
+        for b in (2, 4, 6, 8):
+            c = ct(1024, bits=b) if b in (2, 4) else {"error": "not run (too slow)"}
+            rows.append((f"{b}-bit", ours(1024, bits=b), c, plain(1024)))
+        sections.append("## Bit width (d=1024, cluster_dim=1)\n\ncoremltools 6/8-bit: k-means init takes "
+                        "minutes, not run.\n\n" + cmp_table(rows, "n_bits"))
+
+        rows = [(f"cluster_dim={cd}", ours(1024, cd=cd), ct(1024, cd=cd), plain(1024)) for cd in (1, 2, 4)]
+        sections.append("## Vector palettization (d=1024, 4-bit)\n\n" + cmp_table(rows, "cluster_dim"))
+
+        lines = [
+            "| d | weights | plain step | ours first step | ours step | step / plain | ours extra peak |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in (512, 1024, 2048, 4096):
+            o, pl = ours(d), plain(d)
+            scaling.append((d * d, val(o, "step_s"), val(o, "extra_mib"), val(pl, "step_s")))
+            lines.append(
+                f"| {d} | {d * d / 2**20:.2f}M | {cell(pl, 'step_s', fs)} | {cell(o, 'first_s', fs)} "
+                f"| {cell(o, 'step_s', fs)} | {fr(val(pl, 'step_s'), val(o, 'step_s'))} | {cell(o, 'extra_mib', fm)} |"
+            )
+        sections.append("## Scaling, ours only (4-bit, default `dkm_impl=\"auto\"`)\n\n![scaling](scaling.png)\n\n"
+                        + "\n".join(lines))
+
+        lines = ["| palett_max_mem | ours first step | ours step | ours extra peak |", "|---|---|---|---|"]
+        for pm in (0.001, 0.01, 0.1, 1.0):
+            o = ours(1024, dkm_impl="dense", palett_max_mem=pm)
+            lines.append(f"| {pm} | {cell(o, 'first_s', fs)} | {cell(o, 'step_s', fs)} | {cell(o, 'extra_mib', fm)} |")
+        sections.append("## `palett_max_mem`, ours `dkm_impl=\"dense\"` (d=1024, 4-bit)\n\n"
+                        "Fraction of available memory the dense DKM distance/attention matrices may use before "
+                        "they are computed in chunks.\n\n" + "\n".join(lines))
+
+    if scaling:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+            pts = [s for s in scaling if s[1] is not None]
+            n = [s[0] for s in pts]
+            ax[0].loglog(n, [s[1] for s in pts], "o-", label="ours (DKM step)")
+            ax[0].loglog(n, [s[3] for s in pts if s[3] is not None], "s--", label="plain step")
+            ax[0].set_xlabel("palettized weights")
+            ax[0].set_ylabel("seconds / training step")
+            ax[0].legend()
+            ax[1].loglog(n, [max(s[2], 0.1) for s in pts], "o-")
+            ax[1].set_xlabel("palettized weights")
+            ax[1].set_ylabel("extra peak RSS (MiB)")
+            for a in ax:
+                a.grid(True, which="both", alpha=0.3)
+            fig.suptitle("dkm_palett, 4-bit, Linear(d,d), batch 64, CPU")
+            fig.tight_layout()
+            fig.savefig(os.path.join(HERE, "scaling.png"), dpi=100)
+        except Exception as e:  # pragma: no cover
+            print(f"plot failed: {e}", file=sys.stderr)
+
+    ptq = None
+    if not args.quick and not args.no_ptq:
+        try:
+            out = subprocess.run([sys.executable, os.path.join(HERE, "post_training_mse.py")], capture_output=True,
+                                 text=True, timeout=150)
+            ptq = out.stdout.strip() if out.returncode == 0 else f"failed rc={out.returncode}"
+        except subprocess.TimeoutExpired:
+            ptq = None
+
+    total = time.perf_counter() - t_start
+    doc = [
+        "# Benchmarks",
+        "",
+        "Generated by `python benchmarks/run.py" + (" --quick" if args.quick else "") + f"` in {total:.0f} s.",
+        "",
+        "## Machine",
+        "",
+        *machine_info(),
+        "",
+        "## Method",
+        "",
+        "Model `Linear(d,d) -> ReLU -> Linear(d,10)`, batch 64, SGD(momentum 0.9); only the first Linear is "
+        "palettized (`weight_threshold=d*d-1`). ours = `dkm_palett.DKMPalettizer` (default `dkm_impl=\"auto\"`, "
+        "binned fast path for scalar LUTs, unless stated); ct = `coremltools.optimize.torch.palettization."
+        "DKMPalettizer`, same config arguments. Every cell is its own subprocess. *first step* includes k-means "
+        f"initialisation; *step* is the mean of the next {N_STEPS} full training steps (forward, backward, "
+        "optimizer step, `palettizer.step()`). *extra peak* = growth of `ru_maxrss` from just before `prepare()` "
+        "(after one plain warm-up step) to after the timed steps. Ratios are ct / ours (>1 means ours is "
+        "faster / smaller). Single runs, so expect ~10% noise on times; memory deltas below a few MiB are noise.",
+        "",
+        *[s + "\n" for s in sections],
+    ]
+    if not args.quick:
+        doc += ["## Post-training palettization", "", "`python benchmarks/post_training_mse.py` (default args):", ""]
+        doc += [ptq if ptq else "Not included (did not finish within 150 s here); run it directly.", ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(doc))
+    print("\n".join(doc))
+
+
+if __name__ == "__main__":
+    main()
