@@ -241,6 +241,7 @@ def palettize_with_lut(weight: torch.Tensor, lut: torch.Tensor, spec: Palettizat
                        quant_max: int = 127) -> PalettizedTensor:
     """Round ``lut`` (``(G,K,D)``, in the scaled domain) to its dtype and hard-assign ``weight`` to it."""
     weight = weight.detach()
+    lut = lut.detach()
     shape = tuple(weight.shape)
     axis = spec.axis
     group_size = spec.group_size_for(shape)

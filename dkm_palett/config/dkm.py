@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -262,6 +261,3 @@ def load_dkm_config(source: Any) -> DKMPalettizerConfig:
         return DKMPalettizerConfig.from_dict(load_yaml_mapping(source))
     raise TypeError(f"config must be a DKMPalettizerConfig, a dict, a YAML path or None; got {type(source).__name__}.")
 
-
-def _fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(ModuleDKMPalettizerConfig))
