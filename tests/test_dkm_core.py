@@ -105,7 +105,7 @@ def test_quick_start_flow_finalize_keeps_eval_output():
     final = pal.finalize(inplace=True)
     assert torch.allclose(final(x), before, atol=1e-6)
     assert final[0].weight.unique().numel() <= 4
-    assert final[2].weight.unique().numel() <= 4 or final[2].weight.numel() <= 100
+    assert final[2].weight.unique().numel() <= 4
     report = pal.report()
     row = report["0.weight"]
     assert row["n_clusters"] == 4 and row["cluster_dim"] == 1 and row["n_params"] == 32 * 64
@@ -143,7 +143,7 @@ def test_milestone_delays_palettization():
     for _ in range(3):
         pal.step()
     assert bool(fp.enabled)
-    assert model[0].weight.unique().numel() > 16 or not torch.equal(model[0].weight, raw)
+    assert not torch.equal(model[0].weight, raw)
 
 
 def test_precedence_name_type_global_and_regex_none():
