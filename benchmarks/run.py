@@ -1,13 +1,13 @@
-"""Training-time DKM benchmark: dkm_palett vs coremltools' DKMPalettizer, side by side on CPU.
+"""Training-time DKM benchmark: dkm_palett vs coremltools' DKMPalettizer, side by side on CPU, in one run.
 
 Workload: ``Linear(d, d) -> ReLU -> Linear(d, 10)``, batch 64, SGD; only the first Linear is palettized
 (``weight_threshold = d*d - 1`` skips the d x 10 head). Each measurement runs in its own subprocess so the
-peak RSS belongs to one implementation. Per run we time the FIRST training step (includes k-means init) and
-the mean of the next 3 steps (forward + backward + optimizer step + palettizer.step()). "Extra peak memory"
-is the growth of ``ru_maxrss`` from just before ``prepare()`` (after one warm-up plain step) to after the
-timed steps, i.e. the memory DKM costs on top of plain training.
+peak RSS belongs to one implementation. Per run: the FIRST training step (includes k-means init) and the median
+of the next steps (forward + backward + optimizer step + palettizer.step()). "Extra peak memory" is the growth
+of ``ru_maxrss`` from just before ``prepare()`` to the end: the memory DKM costs on top of plain training.
 
-Usage: ``python benchmarks/run.py [--quick]`` -> writes ``benchmarks/README.md`` and ``benchmarks/scaling.png``.
+Usage: ``python benchmarks/run.py [--quick] [--all-ct] [--charlm-from FILE]`` -> writes ``benchmarks/README.md``
+and ``benchmarks/scaling.png``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 300
-N_STEPS = 3
+CT_TIMEOUT_S = 1200
+N_STEPS = 5
 BATCH = 64
 
 
@@ -35,6 +36,7 @@ def maxrss_mib() -> float:
 
 def worker(spec: dict) -> dict:
     import logging
+    import statistics
     import warnings
 
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -44,10 +46,20 @@ def worker(spec: dict) -> dict:
     import torch
     from torch import nn
 
-    torch.manual_seed(0)
     d, impl = spec["d"], spec["impl"]
-    model = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10))
-    x = torch.randn(BATCH, d)
+    # import the implementation before the baseline RSS, so library imports are not counted as DKM memory
+    if impl == "ours":
+        from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
+    elif impl == "coremltools":
+        from coremltools.optimize.torch.palettization import (
+            DKMPalettizer,
+            DKMPalettizerConfig,
+            ModuleDKMPalettizerConfig,
+        )
+    torch.manual_seed(0)
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10)).to(dtype)
+    x = torch.randn(BATCH, d, dtype=dtype)
     y = torch.randint(0, 10, (BATCH,))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -58,7 +70,7 @@ def worker(spec: dict) -> dict:
 
     def train_step(m, o, p=None):
         o.zero_grad(set_to_none=True)
-        loss = loss_fn(m(x), y)
+        loss = loss_fn(m(x).float(), y)
         loss.backward()
         o.step()
         if p is not None:
@@ -71,31 +83,28 @@ def worker(spec: dict) -> dict:
     if impl != "plain":
         kw = dict(n_bits=spec["bits"], weight_threshold=d * d - 1, cluster_dim=spec.get("cd", 1))
         kw.update(spec.get("extra", {}))
-        if impl == "ours":
-            from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
-        else:
-            from coremltools.optimize.torch.palettization import (
-                DKMPalettizer,
-                DKMPalettizerConfig,
-                ModuleDKMPalettizerConfig,
-            )
         cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(**kw))
         p = DKMPalettizer(model, cfg)
         model = p.prepare(inplace=True)
         opt = make_opt(model)
     model.train()
     times = []
+    rss_first = None
     for _ in range(1 + N_STEPS):
         t0 = time.perf_counter()
         loss = train_step(model, opt, p)
         times.append(time.perf_counter() - t0)
+        rss_first = rss_first or maxrss_mib()
     rss1 = maxrss_mib()
     return {
         "first_s": times[0],
-        "step_s": sum(times[1:]) / N_STEPS,
+        "step_s": statistics.median(times[1:]),
+        "steps_s": times[1:],
         "extra_mib": rss1 - rss0,
+        "first_extra_mib": rss_first - rss0,
         "base_mib": rss0,
         "loss": loss,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -203,12 +212,13 @@ def machine_info():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="only d=1024 4-bit, both implementations")
+    ap.add_argument("--quick", action="store_true", help="only the d=1024 4-bit headline, both implementations")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "README.md"))
-    ap.add_argument("--all-ct", action="store_true",
-                    help="also run coremltools at d=2048 / 2-bit / cluster_dim 2,4 (k-means init takes many minutes)")
+    ap.add_argument("--all-ct", action="store_true", help="also run coremltools at 8 bits (its init takes >10 min)")
+    ap.add_argument("--no-ct", action="store_true", help="skip coremltools entirely (ours only)")
     ap.add_argument("--ptq-from", help="include this saved post_training_mse.py output instead of re-running it")
+    ap.add_argument("--charlm-from", help="include this saved charlm_binned_vs_exact.py output")
     ap.add_argument("--no-ptq", action="store_true", help="skip running post_training_mse.py")
     args = ap.parse_args()
     if args.worker:
@@ -223,83 +233,74 @@ def main():
             R[key] = run_case(spec)
         return R[key]
 
-    def plain(d):
-        return get(("plain", d), impl="plain", d=d)
+    def same_init(d):
+        # both libraries run opt1d k-means at init for >= kmeans_opt1d_threshold channels; coremltools' opt1d
+        # on 4M+ weights takes tens of minutes, so from d=2048 both use their k-means++ init instead
+        return {"kmeans_opt1d_threshold": 10 ** 6} if d >= 2048 else {}
 
-    def ours(d, bits=4, cd=1, **extra):
-        k = ("ours", d, bits, cd, tuple(sorted(extra.items())))
-        return get(k, impl="ours", d=d, bits=bits, cd=cd, extra=extra)
+    def plain(d, dtype="float32"):
+        return get(("plain", d, dtype), impl="plain", d=d, dtype=dtype)
+
+    def ours(d, bits=4, cd=1, dtype="float32", **extra):
+        extra = {**same_init(d), **extra}
+        k = ("ours", d, bits, cd, dtype, tuple(sorted(extra.items())))
+        return get(k, impl="ours", d=d, bits=bits, cd=cd, dtype=dtype, extra=extra)
 
     def ct(d, bits=4, cd=1):
-        if (d, bits, cd) != (1024, 4, 1) and not args.all_ct:
-            return {"error": "not run (too slow)"}
-        return get(("ct", d, bits, cd), impl="coremltools", d=d, bits=bits, cd=cd)
+        if args.no_ct or (bits == 8 and not args.all_ct):
+            return {"error": "not run (--all-ct)"}
+        return get(("ct", d, bits, cd), impl="coremltools", d=d, bits=bits, cd=cd, extra=same_init(d),
+                   timeout=CT_TIMEOUT_S)
 
     sections = []
     head_ds = [1024] if args.quick else [1024, 2048]
     head = [(f"d={d} ({d * d / 2**20:.0f}M weights), 4-bit", ours(d), ct(d), plain(d)) for d in head_ds]
-    if not args.quick:
-        head.append(("d=1024, 4-bit, ours `dkm_impl=\"dense\"`", ours(1024, dkm_impl="dense"), ct(1024), plain(1024)))
     sections.append("## Headline: d x d Linear, 4-bit, cluster_dim=1\n\n" + cmp_table(head, "case"))
 
     scaling = []
     if not args.quick:
-        rows = []
-        for b in (2, 4, 6, 8):
-            c = ct(1024, bits=b) if b in (2, 4) else {"error": "not run (too slow)"}  # noqa: E501
-            rows.append((f"{b}-bit", ours(1024, bits=b), c, plain(1024)))
+        rows = [(f"{b}-bit", ours(1024, bits=b), ct(1024, bits=b), plain(1024)) for b in (2, 4, 6, 8)]
         sections.append("## Bit width (d=1024, cluster_dim=1)\n\n" + cmp_table(rows, "n_bits"))
 
         rows = [(f"cluster_dim={cd}", ours(1024, cd=cd), ct(1024, cd=cd), plain(1024)) for cd in (1, 2, 4)]
-        sections.append("## Vector palettization (d=1024, 4-bit)\n\n" + cmp_table(rows, "cluster_dim"))
+        sections.append("## Vector palettization (d=1024, 4-bit; ours runs the exact dense DKM for vectors)\n\n"
+                        + cmp_table(rows, "cluster_dim"))
+
+        rows = [("fp32 weights, `dkm_impl=\"dense\"` (exact)", ours(1024, dkm_impl="dense"), ct(1024), plain(1024)),
+                ("bf16 weights, default (binned, exact for bf16)", ours(1024, dtype="bfloat16"), None,
+                 plain(1024, "bfloat16"))]
+        sections.append("## Exact modes (d=1024, 4-bit)\n\n" + cmp_table(rows, "case"))
 
         lines = [
-            "| d | weights | plain step | ours first step | ours step | step / plain | ours extra peak |",
-            "|---|---|---|---|---|---|---|",
+            "| d | weights | plain step | ours first step | ours step | step / plain | ours extra peak "
+            "| ours step per M weights | extra peak per M weights |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for d in (512, 1024, 2048, 4096):
             o, pl = ours(d), plain(d)
+            m = d * d / 2 ** 20
             scaling.append((d * d, val(o, "step_s"), val(o, "extra_mib"), val(pl, "step_s")))
+            per_t = fs(val(o, "step_s") / m) if val(o, "step_s") else "—"
+            per_m = fm(val(o, "extra_mib") / m) if val(o, "extra_mib") else "—"
             lines.append(
-                f"| {d} | {d * d / 2**20:.2f}M | {cell(pl, 'step_s', fs)} | {cell(o, 'first_s', fs)} "
-                f"| {cell(o, 'step_s', fs)} | {fr(val(pl, 'step_s'), val(o, 'step_s'))} | {cell(o, 'extra_mib', fm)} |"
+                f"| {d} | {m:.2f}M | {cell(pl, 'step_s', fs)} | {cell(o, 'first_s', fs)} "
+                f"| {cell(o, 'step_s', fs)} | {fr(val(pl, 'step_s'), val(o, 'step_s'))} | {cell(o, 'extra_mib', fm)} "
+                f"| {per_t} | {per_m} |"
             )
-        sections.append("## Scaling, ours only (4-bit, default `dkm_impl=\"auto\"`)\n\n![scaling](scaling.png)\n\n"
-                        + "\n".join(lines))
+        sections.append("## Scaling, ours (4-bit, default settings)\n\n![scaling](scaling.png)\n\n" + "\n".join(lines))
 
         lines = ["| palett_max_mem | ours first step | ours step | ours extra peak |", "|---|---|---|---|"]
-        for pm in (0.001, 0.01, 0.1, 1.0):
+        for pm in (1e-4, 1e-3, 1e-2, 1.0):
             o = ours(1024, dkm_impl="dense", palett_max_mem=pm)
-            lines.append(f"| {pm} | {cell(o, 'first_s', fs)} | {cell(o, 'step_s', fs)} | {cell(o, 'extra_mib', fm)} |")
-        sections.append("## `palett_max_mem`, ours `dkm_impl=\"dense\"` (d=1024, 4-bit)\n\n"
-                        "Fraction of available memory the dense DKM distance/attention matrices may use before "
-                        "they are computed in chunks.\n\n" + "\n".join(lines))
+            lines.append(f"| {pm:g} | {cell(o, 'first_s', fs)} | {cell(o, 'step_s', fs)} | {cell(o, 'extra_mib', fm)} |")
+        sections.append(
+            "## `palett_max_mem`, ours `dkm_impl=\"dense\"` (d=1024, 4-bit)\n\n"
+            "The budget is `palett_max_mem x` available memory (MemAvailable on CPU, free memory on CUDA). Half of "
+            "it bounds the chunk working set (rows x K distance/attention blocks), the other half the attention "
+            "kept from forward for backward (recomputed chunk by chunk when it does not fit).\n\n" + "\n".join(lines))
 
     if scaling:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-            pts = [s for s in scaling if s[1] is not None]
-            n = [s[0] for s in pts]
-            ax[0].loglog(n, [s[1] for s in pts], "o-", label="ours (DKM step)")
-            ax[0].loglog(n, [s[3] for s in pts if s[3] is not None], "s--", label="plain step")
-            ax[0].set_xlabel("palettized weights")
-            ax[0].set_ylabel("seconds / training step")
-            ax[0].legend()
-            ax[1].loglog(n, [max(s[2], 0.1) for s in pts], "o-")
-            ax[1].set_xlabel("palettized weights")
-            ax[1].set_ylabel("extra peak RSS (MiB)")
-            for a in ax:
-                a.grid(True, which="both", alpha=0.3)
-            fig.suptitle("dkm_palett, 4-bit, Linear(d,d), batch 64, CPU")
-            fig.tight_layout()
-            fig.savefig(os.path.join(HERE, "scaling.png"), dpi=100)
-        except Exception as e:  # pragma: no cover
-            print(f"plot failed: {e}", file=sys.stderr)
+        plot_scaling(scaling)
 
     ptq = None
     if args.ptq_from:
@@ -308,10 +309,14 @@ def main():
     elif not args.quick and not args.no_ptq:
         try:
             out = subprocess.run([sys.executable, os.path.join(HERE, "post_training_mse.py")], capture_output=True,
-                                 text=True, timeout=150)
+                                 text=True, timeout=600)
             ptq = out.stdout.strip() if out.returncode == 0 else f"failed rc={out.returncode}"
         except subprocess.TimeoutExpired:
             ptq = None
+    charlm = None
+    if args.charlm_from:
+        with open(args.charlm_from) as f:
+            charlm = f.read().strip()
 
     total = time.perf_counter() - t_start
     doc = [
@@ -326,24 +331,62 @@ def main():
         "## Method",
         "",
         "Model `Linear(d,d) -> ReLU -> Linear(d,10)`, batch 64, SGD(momentum 0.9); only the first Linear is "
-        "palettized (`weight_threshold=d*d-1`). ours = `dkm_palett.DKMPalettizer` (default `dkm_impl=\"auto\"`, "
-        "binned fast path for scalar LUTs, unless stated); ct = `coremltools.optimize.torch.palettization."
-        "DKMPalettizer`, same config arguments. Every cell is its own subprocess. *first step* includes k-means "
-        f"initialisation; *step* is the mean of the next {N_STEPS} full training steps (forward, backward, "
-        "optimizer step, `palettizer.step()`). *extra peak* = growth of `ru_maxrss` from just before `prepare()` "
-        "(after one plain warm-up step) to after the timed steps. Ratios are ct / ours (>1 means ours is "
-        "faster / smaller). coremltools' first step (k-means init) takes ~160 s at d=1024 on this machine, so by "
-        "default only its d=1024 4-bit scalar case is run; the rest are marked *not run (too slow)* "
-        "(`--all-ct` runs them). Single runs, so expect ~10% noise on times; memory deltas below a few MiB are noise.",
+        "palettized (`weight_threshold=d*d-1`). ours = `dkm_palett.DKMPalettizer` with default settings unless "
+        "stated (`dkm_impl=\"auto\"`: the binned DKM for scalar LUTs on large weights); ct = "
+        "`coremltools.optimize.torch.palettization.DKMPalettizer`; both get the same config arguments. Every cell "
+        "is its own subprocess, run one after another in the same invocation. *first step* includes k-means "
+        f"initialisation; *step* is the median of the next {N_STEPS} full training steps (forward, backward, "
+        "optimizer step, `palettizer.step()`). *extra peak* = growth of peak RSS (`ru_maxrss`) from just before "
+        "`prepare()` (libraries imported, one plain warm-up step done) to the end, so it includes initialisation. "
+        "Ratios are ct / ours (>1: ours is faster / smaller). From d=2048 both libraries get "
+        "`kmeans_opt1d_threshold=10**6` (k-means++ init instead of coremltools' opt1d, which takes tens of minutes "
+        "there); this changes the first step only.",
         "",
         *[s + "\n" for s in sections],
     ]
     if not args.quick:
         doc += ["## Post-training palettization", "", "`python benchmarks/post_training_mse.py` (default args):", ""]
-        doc += [ptq if ptq else "Not included (did not finish within 150 s here); run it directly.", ""]
-    with open(args.out, "w") as f:
+        doc += [ptq if ptq else "Not run; run it directly.", ""]
+    if charlm:
+        doc += ["## Binned vs exact DKM on a real task (charlm, 2-bit)", "",
+                "`python benchmarks/charlm_binned_vs_exact.py`:", "", charlm, ""]
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
         f.write("\n".join(doc))
+    os.replace(tmp, args.out)
     print("\n".join(doc))
+
+
+def plot_scaling(scaling):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = [s for s in scaling if s[1] is not None]
+        n = [s[0] for s in pts]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        ax[0].loglog(n, [s[1] for s in pts], "o-", label="ours: DKM training step")
+        ax[0].loglog(n, [s[3] for s in pts], "s--", label="plain training step")
+        ax[0].loglog(n, [pts[0][1] * v / n[0] for v in n], ":", color="gray", label="linear in N")
+        ax[0].set_xlabel("palettized weights N")
+        ax[0].set_ylabel("seconds / training step")
+        ax[0].legend()
+        ax[1].loglog(n, [max(s[2], 0.1) for s in pts], "o-", label="ours: extra peak RSS")
+        ax[1].loglog(n, [max(pts[0][2], 0.1) * v / n[0] for v in n], ":", color="gray", label="linear in N")
+        ax[1].set_xlabel("palettized weights N")
+        ax[1].set_ylabel("MiB")
+        ax[1].legend()
+        for a in ax:
+            a.grid(True, which="both", alpha=0.3)
+        fig.suptitle("dkm_palett DKM, 4-bit, Linear(d,d), batch 64, CPU")
+        fig.tight_layout()
+        tmp = os.path.join(HERE, "scaling.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, os.path.join(HERE, "scaling.png"))
+    except Exception as e:  # pragma: no cover
+        print(f"plot failed: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

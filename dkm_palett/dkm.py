@@ -25,7 +25,7 @@ from dkm_palett.lut import (
 from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
 from dkm_palett.validation import check_finite
 
-_INIT_POINTS = 2 ** 16  # scalar k-means initialisation runs on at most this many weighted bins
+_INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weighted) points per LUT
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -117,10 +117,13 @@ class FakePalettize(nn.Module):
             return True
         if cfg.dkm_impl == "dense":
             return False
-        return weight.numel() // self.centroids.shape[0] > cfg.dkm_bins or self._exact_bins(weight)
+        return weight.numel() // self.centroids.shape[0] > cfg.dkm_bins or self._exact_dtype(weight) is not None
 
-    def _exact_bins(self, weight: torch.Tensor) -> bool:
-        return weight.dtype in (torch.float16, torch.bfloat16) and not self.spec.enable_per_channel_scale
+    def _exact_dtype(self, weight: torch.Tensor) -> Optional[torch.dtype]:
+        """fp16/bf16 weights (unscaled): the binned DKM then keeps one bin per distinct value and is exact."""
+        if weight.dtype in (torch.float16, torch.bfloat16) and not self.spec.enable_per_channel_scale:
+            return weight.dtype
+        return None
 
     # ------------------------------------------------------------------------------------ init
     @torch.no_grad()
@@ -132,7 +135,7 @@ class FakePalettize(nn.Module):
         gen = torch.Generator().manual_seed(self._seed)
         out = torch.zeros(groups, self.n_clusters, dim)
         for g in range(groups):
-            points, weights = _compress_points(x[g].float().cpu())
+            points, weights = _compress_points(x[g].float().cpu(), gen)
             method = cfg.kmeans_init
             if method in ("cpu.kmeans++", "kmeans_pp", "efficient_kmeans"):
                 use_opt1d = dim == 1 and self.shape[self.axis] >= cfg.kmeans_opt1d_threshold
@@ -203,11 +206,13 @@ class FakePalettize(nn.Module):
         self.split_duplicates(x.detach())
         p = self.params()
         c0 = self.centroids.to(x.dtype).clone()
+        # palett_max_mem: half of the budget for the chunk working set, half for the attention cache
+        budget = self._budget(x.device) / 2
+        rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget / x.shape[0])
         if self.use_binned(weight):
-            out, c = BinnedDKM.apply(x, c0, p, self.config.dkm_bins, self._exact_bins(weight))
+            out, c = BinnedDKM.apply(x, c0, p, self.config.dkm_bins, self._exact_dtype(weight), rows)
         else:
-            rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, self._budget(x.device) / x.shape[0])
-            out, c = DenseDKM.apply(x, c0, p, rows)
+            out, c = DenseDKM.apply(x, c0, p, rows, budget)
         with torch.no_grad():
             self.centroids.copy_(c)
             self.steps += 1
@@ -243,17 +248,18 @@ class FakePalettize(nn.Module):
                 f"lut_dtype={self.spec.lut_dtype}, mode={self.config.palett_mode}")
 
 
-def _compress_points(x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Weighted points for initialisation: distinct values (scalars: at most ``_INIT_POINTS`` bin means)."""
-    if x.shape[1] == 1 and x.shape[0] > _INIT_POINTS:
-        v = x[:, 0]
-        uniq, counts = torch.unique(v, return_counts=True)
-        if uniq.numel() <= _INIT_POINTS:
-            return uniq.unsqueeze(1), counts.float()
-        lo, hi = v.min(), v.max()
-        b = ((v - lo) / (hi - lo) * (_INIT_POINTS - 1)).round().long()
-        counts = torch.bincount(b, minlength=_INIT_POINTS).double()
-        sums = torch.bincount(b, weights=v.double(), minlength=_INIT_POINTS)
-        keep = counts > 0
-        return (sums[keep] / counts[keep]).float().unsqueeze(1), counts[keep].float()
-    return x, None
+def _compress_points(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weighted points for initialisation, at most ``_INIT_POINTS`` of them. Scalars become the means of a
+    uniform ``_INIT_POINTS``-bin histogram (O(N), no sort), weighted by their counts; vectors are a uniform
+    random sample (DKM moves the centroids from there)."""
+    if x.shape[0] <= _INIT_POINTS:
+        return x, None
+    if x.shape[1] > 1:
+        return x[torch.randperm(x.shape[0], generator=generator)[:_INIT_POINTS]], None
+    v = x[:, 0]
+    lo, hi = v.min(), v.max()
+    b = ((v - lo) * ((_INIT_POINTS - 1) / (hi - lo).clamp_min(1e-30))).round_().long()
+    counts = torch.bincount(b, minlength=_INIT_POINTS).double()
+    sums = torch.bincount(b, weights=v.double(), minlength=_INIT_POINTS)
+    keep = counts > 0
+    return (sums[keep] / counts[keep]).float().unsqueeze(1), counts[keep].float()

@@ -4,6 +4,9 @@
 * :class:`KMeansPalettizer` -- spec-style (``KMeansPalettizerConfig``), ``prepare(example_inputs, num_workers)``.
 * :class:`SensitiveKMeansPalettizer` -- k-means weighted by a Fisher diagonal from calibration batches.
 
+Scalar LUTs (``cluster_dim=1``) are globally optimal weighted 1-D k-means at every tensor size
+(:func:`kmeans.kmeans_1d_exact`); vector LUTs use k-means++ with restarts.
+
 All three attach a :class:`~dkm_palett.lut.PalettizedTensor` per weight (``lut.attach``), so their output has the
 same form as a DKM-finalized model and the same export paths apply.
 """
@@ -18,7 +21,6 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -45,66 +47,23 @@ __all__ = [
     "PalettizationJob",
 ]
 
-#: Distinct-values x clusters up to which the exact DP runs on the raw values; above it, on fine bins + Lloyd.
-EXACT_BUDGET = 1 << 21
 MAX_UNIQUE = 256
 VECTOR_N_INIT = 4
 VECTOR_MAX_ITER = 50
-LLOYD_MAX_ITER = 1000
 
 
 # ----------------------------------------------------------------------------------------- 1-D k-means
 
 
-def kmeans_1d(values: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None,
-              budget: int = EXACT_BUDGET) -> torch.Tensor:
-    """Weighted 1-D k-means: the exact DP (``kmeans.kmeans_1d_exact``) when ``distinct values * k <= budget``;
-    otherwise the exact DP on a fine histogram (uniform + quantile edges) followed by Lloyd iterations on all
-    values, which only lower the error. Lloyd on sorted values uses prefix sums: O(k log n) per iteration.
-    Returns ``k`` sorted float32 centroids."""
-    x = values.detach().reshape(-1).double().cpu().numpy()
-    w = np.ones_like(x) if weights is None else weights.detach().reshape(-1).double().cpu().numpy()
-    order = np.argsort(x, kind="stable")
-    x, w = x[order], w[order]
-    if x.size and not np.any(w > 0):
-        w = np.ones_like(x)
-    distinct = 1 + int(np.count_nonzero(x[1:] != x[:-1])) if x.size else 0
-    if distinct * k <= budget or distinct <= k:
-        return _km.kmeans_1d_exact(torch.from_numpy(x), k, torch.from_numpy(w))
-    prefix_w = np.concatenate(([0.0], np.cumsum(w)))
-    prefix_s = np.concatenate(([0.0], np.cumsum(w * x)))
-    bins = int(min(max(budget // k, 16 * k), distinct))
-    edges = np.unique(np.concatenate((
-        np.linspace(x[0], x[-1], bins // 2 + 1),
-        x[np.linspace(0, x.size - 1, bins // 2 + 1).astype(np.int64)],
-    )))
-    cuts = np.unique(np.concatenate(([0], np.searchsorted(x, edges[1:-1], side="right"), [x.size])))
-    bw = prefix_w[cuts[1:]] - prefix_w[cuts[:-1]]
-    bs = prefix_s[cuts[1:]] - prefix_s[cuts[:-1]]
-    keep = bw > 0
-    means = bs[keep] / bw[keep]
-    centroids = _km.kmeans_1d_exact(torch.from_numpy(means), k, torch.from_numpy(bw[keep])).double().numpy()
-    return torch.from_numpy(_lloyd_sorted(x, prefix_w, prefix_s, centroids)).float()
-
-
-def _lloyd_sorted(x: np.ndarray, prefix_w: np.ndarray, prefix_s: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Weighted Lloyd iterations on sorted ``x``: each step assigns by midpoints (ties go to the lower centroid,
-    as :func:`lut.nearest_entry` does) and moves every non-empty cluster to its weighted mean."""
-    c = np.sort(c)
-    previous = None
-    for _ in range(LLOYD_MAX_ITER):
-        mids = (c[1:] + c[:-1]) / 2
-        bounds = np.concatenate(([0], np.searchsorted(x, mids, side="right"), [x.size]))
-        if previous is not None and np.array_equal(bounds, previous):
-            break
-        previous = bounds
-        sw = prefix_w[bounds[1:]] - prefix_w[bounds[:-1]]
-        ss = prefix_s[bounds[1:]] - prefix_s[bounds[:-1]]
-        filled = sw > 0
-        c = c.copy()
-        c[filled] = ss[filled] / sw[filled]
-        c = np.sort(c)
-    return c
+def kmeans_1d(values: torch.Tensor, k: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Weighted 1-D k-means, exact at every size (``kmeans.kmeans_1d_exact``); all-zero weights count as
+    uniform. Returns ``k`` sorted float32 centroids."""
+    values = values.detach().reshape(-1)
+    if weights is not None:
+        weights = weights.detach().reshape(-1)
+        if values.numel() and not bool((weights > 0).any()):
+            weights = None
+    return _km.kmeans_1d_exact(values, k, weights)
 
 
 # ----------------------------------------------------------------------------------------- one weight
@@ -161,7 +120,6 @@ def cluster_weight(weight: torch.Tensor, spec: PalettizationSpec, *, mode: str =
 
     k = spec.n_clusters
     generator = torch.Generator().manual_seed(int(seed))
-    budget = max(EXACT_BUDGET // vectors.shape[0], 1 << 16)  # bounded time for many small groups
     luts = []
     for g in range(vectors.shape[0]):
         v = vectors[g]
@@ -170,7 +128,7 @@ def cluster_weight(weight: torch.Tensor, spec: PalettizationSpec, *, mode: str =
             lo, hi = v.min().item(), v.max().item()
             luts.append(torch.linspace(lo, hi, k).reshape(k, 1))
         elif dim == 1:
-            luts.append(kmeans_1d(v[:, 0], k, wg, budget=budget).reshape(k, 1))
+            luts.append(kmeans_1d(v[:, 0], k, wg).reshape(k, 1))
         else:
             luts.append(_vector_kmeans(v, k, wg, generator))
     lut = torch.stack(luts).float()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dkm_palett.config.coreml_style import OpPalettizerConfig, OptimizationConfig
-from dkm_palett.kmeans import kmeans_1d_exact
+from dkm_palett.kmeans import kmeans_1d_exact, kmeans_plus_plus
 from dkm_palett.lut import palettized_tensors, records_of
 from dkm_palett.post_training import cluster_weight, kmeans_1d, palettize_weights
 from dkm_palett.spec import PalettizationSpec
@@ -70,18 +70,26 @@ def test_inplace():
     assert out is model and torch.unique(model[0].weight).numel() <= 4
 
 
-def test_scalar_kmeans_is_optimal_and_lloyd_path_close():
+def test_scalar_kmeans_is_exact_at_every_size():
     torch.manual_seed(0)
     x = torch.randn(3000) * 0.05
     exact = kmeans_1d_exact(x, 16)
-    # the binned + Lloyd path (forced by a tiny budget) lands within 0.5% of the optimum
-    approx = kmeans_1d(x, 16, budget=16 * 64)
-    assert _sse(x, approx) <= _sse(x, exact) * 1.005
-    assert _sse(x, kmeans_1d(x, 16)) == pytest.approx(_sse(x, exact), rel=1e-9)
+    assert torch.equal(kmeans_1d(x.reshape(30, 100), 16), exact)
+    assert torch.equal(kmeans_1d(x, 16, torch.zeros(3000)), exact)  # all-zero weights count as uniform
     # the LUT in a palettized weight reaches the optimal SSE
     record, _ = cluster_weight(x.reshape(30, 100), PalettizationSpec(n_bits=4))
     dense = record.to_dense().reshape(-1)
     assert float(((dense.double() - x.double()) ** 2).sum()) == pytest.approx(_sse(x, exact), rel=1e-6)
+    # 2^20 distinct values x 256 clusters (far past the old exact-DP budget): still the exact solver, whose
+    # optimum is a Lloyd fixed point and beats a k-means++ run on the same data
+    big = torch.randn(1 << 20) * 0.05
+    c = kmeans_1d(big, 256)
+    idx = torch.bucketize(big, (c[1:] + c[:-1]) / 2)
+    means = torch.zeros(256, dtype=torch.float64).index_add_(0, idx, big.double()) / torch.bincount(idx, minlength=256)
+    torch.testing.assert_close(c.double(), means, rtol=0, atol=1e-7)
+    sub = big[:5000]
+    pp = kmeans_plus_plus(sub[:, None], 32, generator=torch.Generator().manual_seed(0))[:, 0]
+    assert _sse(sub, kmeans_1d(sub, 32)) <= _sse(sub, pp)
 
 
 @pytest.mark.parametrize("n_bits", [2, 4, 8])

@@ -148,3 +148,99 @@ def test_coreml_style_config_and_errors(digits):
         report.compress(calib, lambda m, b: m(b[0]))
     with pytest.raises(ValueError, match="damping"):
         SensitiveKMeansPalettizer(model, config, damping=-1.0)
+
+
+# ----------------------------------------------------------------------------------------- char-level LM
+
+#: recipes.data.charlm's fixed alphabet (newline + printable ASCII; id 0 = unknown), without importing lightning.
+_ALPHABET = "\n" + "".join(chr(i) for i in range(32, 127))
+_CTX, _EMB, _HIDDEN = 8, 16, 128
+
+
+@pytest.fixture(scope="module")
+def char_text():
+    """The CPython help topics (``pydoc_data.topics``, as the charlm recipe uses), 90% train / 10% val ids."""
+    topics = pytest.importorskip("pydoc_data.topics").topics
+    text = "\n".join(topics[key] for key in sorted(topics))
+    lookup = {ch: i + 1 for i, ch in enumerate(_ALPHABET)}
+    ids = torch.tensor([lookup.get(ch, 0) for ch in text])
+    split = int(len(ids) * 0.9)
+    return ids[:split], ids[split:]
+
+
+def _contexts(ids: torch.Tensor, starts: torch.Tensor):
+    """(previous ``_CTX`` characters, next character) for each start."""
+    return ids[starts.unsqueeze(1) + torch.arange(_CTX)], ids[starts + _CTX]
+
+
+class _CharMLP(nn.Module):
+    """A Bengio-style character LM: embed the last 8 characters, one hidden layer, logits for the next one."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(len(_ALPHABET) + 1, _EMB)
+        self.fc = nn.Linear(_CTX * _EMB, _HIDDEN)
+        self.head = nn.Linear(_HIDDEN, len(_ALPHABET) + 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(self.emb(x).flatten(1))))
+
+
+def _train_charlm(train_ids: torch.Tensor, seed: int, steps: int = 400, batch: int = 64):
+    """Adam on random windows of the train text (deterministic for ``seed``); returns the model (eval mode) and 16
+    calibration batches of 256 other train windows."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    starts = torch.randint(0, len(train_ids) - _CTX - 1, ((steps + 16 * 4) * batch,), generator=gen)
+    model = _CharMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        opt.zero_grad()
+        _loss(model, _contexts(train_ids, starts[step * batch:(step + 1) * batch])).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    calib_starts = starts[steps * batch:].reshape(16, 4 * batch)
+    return model, [_contexts(train_ids, s) for s in calib_starts]
+
+
+class _ShuffledSensitivity(SensitiveKMeansPalettizer):
+    """Control: the same Fisher values, randomly permuted within each weight (right spread, wrong places)."""
+
+    def compute_sensitivity(self, *args, **kwargs):
+        fisher = super().compute_sensitivity(*args, **kwargs)
+        gen = torch.Generator().manual_seed(0)
+        self.sensitivities = {n: f.flatten()[torch.randperm(f.numel(), generator=gen)].reshape(f.shape)
+                              for n, f in fisher.items()}
+        return self.sensitivities
+
+
+def test_beats_plain_kmeans_on_charlm_at_3_bits(char_text):
+    """3-bit per-tensor LUTs on every weight (embedding, hidden, head) of three char-level LMs trained on the
+    charlm recipe's text. Sensitivity-weighted k-means has the lower validation loss (mean cross-entropy per
+    character) on every model and on average removes at least a third of plain k-means' loss increase (~half,
+    measured: 2.226 -> 2.176, float 2.126), while the same Fisher values shuffled within each weight remove far less
+    (~13%): the gain comes from where the sensitivity lies (mostly the embedding and head rows of frequent
+    characters), not from reweighting as such.
+    The sensitivity pass leaves each model bit-identical."""
+    train_ids, val_ids = char_text
+    val = _contexts(val_ids, torch.linspace(0, len(val_ids) - _CTX - 2, 8192).long())
+    config = KMeansPalettizerConfig(global_config=ModuleKMeansPalettizerConfig(
+        op_state_spec={"weight": PalettizationSpec(n_bits=3)}))
+    rows = []
+    for seed in (0, 1, 2):
+        model, calib = _train_charlm(train_ids, seed)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        float_loss = _test_loss(model, val)
+        plain = KMeansPalettizer(model, config).prepare()
+        sensitive = SensitiveKMeansPalettizer(model, config).compress(calib, _loss)
+        shuffled = _ShuffledSensitivity(model, config).compress(calib, _loss)
+        assert {n for n, *_ in palettized_tensors(sensitive)} == {"emb.weight", "fc.weight", "head.weight"}
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert all(p.grad is None and p.requires_grad for p in model.parameters()) and not model.training
+        rows.append((float_loss, _test_loss(plain, val), _test_loss(sensitive, val), _test_loss(shuffled, val)))
+    assert all(s < p for _, p, s, _ in rows), rows
+    base, plain, sens, shuffled = (sum(col) / len(rows) for col in zip(*rows))
+    assert plain - base > 0.03, rows  # 3 bits really hurts: the comparison is not noise around the float loss
+    assert sens < plain - (plain - base) / 3, rows
+    assert sens < shuffled - (plain - base) / 6, rows

@@ -65,7 +65,7 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     enable_per_channel_scale: bool = False
     lut_dtype: Optional[str] = None
     dkm_impl: str = "auto"
-    dkm_bins: int = 65536
+    dkm_bins: int = 16384
 
     def __post_init__(self):
         if self.n_bits is not None:
