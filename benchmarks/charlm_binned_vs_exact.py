@@ -5,7 +5,7 @@ Runs the ``charlm`` recipe (``python -m recipes.train experiment=charlm``) once 
 the float baseline and the second loads it (``baseline.checkpoint``), so both fine-tune the same model.
 Prints a markdown table of validation loss; the issue's bar is ``|binned - exact| <= 0.01``.
 
-Usage: ``python benchmarks/charlm_binned_vs_exact.py [--bits 2] [--seeds 0] [--out-dir /tmp/charlm_cmp]``
+Usage: ``python benchmarks/charlm_binned_vs_exact.py [--bits 2] [--seeds 0] [--out-dir DIR] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out-dir", default=None, help="where the recipe runs write (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="also write the table here (atomically), e.g. "
+                        "benchmarks/results/charlm_binned_vs_exact.md")
     args = parser.parse_args()
     base = args.out_dir or tempfile.mkdtemp(prefix="charlm_cmp_")
     rows = ["| seed | bits | float val loss | exact (dense) val loss | binned val loss | binned - exact "
@@ -52,14 +54,20 @@ def main() -> None:
         exact = run_recipe(exact_dir, args.bits, "dense", seed, None)
         ckpt = os.path.join(exact_dir, "baseline.ckpt")
         binned = run_recipe(os.path.join(base, f"seed{seed}_binned"), args.bits, "binned", seed, ckpt)
-        fl, ex, bi = exact["baseline"]["val_loss"], exact["palettized"]["val_loss"], binned["palettized"]["val_loss"]
+        fl, ex, bi = exact["baseline"]["loss"], exact["palettized"]["loss"], binned["palettized"]["loss"]
         t_ex = exact.get("timings", {}).get("dkm_and_export_s")
         t_bi = binned.get("timings", {}).get("dkm_and_export_s")
         fmt = lambda v: "—" if v is None else f"{v:.0f} s"  # noqa: E731
         rows.append(f"| {seed} | {args.bits} | {fl:.4f} | {ex:.4f} | {bi:.4f} | {bi - ex:+.4f} | {fmt(t_ex)} "
                     f"| {fmt(t_bi)} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    print("\n".join(rows))
+    text = "\n".join(rows)
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as handle:
+            handle.write(text + "\n")
+        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

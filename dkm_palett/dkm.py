@@ -137,7 +137,7 @@ class FakePalettize(nn.Module):
         for g in range(groups):
             points, weights = _compress_points(x[g].float().cpu(), gen)
             method = cfg.kmeans_init
-            if method in ("cpu.kmeans++", "kmeans_pp", "efficient_kmeans"):
+            if method in ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans"):
                 use_opt1d = dim == 1 and self.shape[self.axis] >= cfg.kmeans_opt1d_threshold
                 method = "opt1d" if use_opt1d else "kmeans++"
             elif method == "opt1d" and dim > 1:
@@ -174,12 +174,8 @@ class FakePalettize(nn.Module):
             dup = [j for j in dup if j != zi]
             if not dup:
                 continue
-            idx = nearest_entry(x[g:g + 1], c.unsqueeze(0))[0]
-            err = (x[g] - c[idx]).pow(2).sum(-1)
-            for j in dup:
-                worst = int(err.argmax())
+            for j, worst in zip(dup, _worst_fit(x[g], c, len(dup)).tolist()):
                 c[j] = x[g, worst]
-                err[worst] = -1
                 moved += 1
         return moved
 
@@ -216,7 +212,7 @@ class FakePalettize(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(c)
             self.steps += 1
-            self.last_error.fill_(((out - x) ** 2).mean().sqrt().item())
+            self.last_error.fill_(_rms_difference(out, x))
         return self._finish_output(out, scale, weight.dtype)
 
     # ------------------------------------------------------------------------------------ finalize
@@ -246,6 +242,26 @@ class FakePalettize(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_bits={self.spec.n_bits}, cluster_dim={self.spec.cluster_dim}, groups={self.centroids.shape[0]}, "
                 f"lut_dtype={self.spec.lut_dtype}, mode={self.config.palett_mode}")
+
+
+def _worst_fit(x: torch.Tensor, lut: torch.Tensor, count: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """Indices of the ``count`` vectors of ``x (M, D)`` farthest from their nearest LUT entry (chunked)."""
+    values, indices = [], []
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start:start + chunk]
+        near = lut[nearest_entry(xc.unsqueeze(0), lut.unsqueeze(0))[0]]
+        top = (xc - near).square_().sum(-1).topk(min(count, xc.shape[0]))
+        values.append(top.values)
+        indices.append(top.indices + start)
+    values, indices = torch.cat(values), torch.cat(indices)
+    return indices[values.topk(min(count, values.numel())).indices]
+
+
+def _rms_difference(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``sqrt(mean((a - b)^2))`` in chunks, so no full-size temporary is allocated."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    total = sum(float(torch.sub(a[i:i + chunk], b[i:i + chunk]).square_().sum()) for i in range(0, a.numel(), chunk))
+    return math.sqrt(total / max(1, a.numel()))
 
 
 def _compress_points(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -345,11 +345,9 @@ def _grid_bins(x: torch.Tensor, bins: int):
     groups = x.shape[0]
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     delta = ((hi - lo) / (bins - 1)).clamp_min(torch.finfo(x.dtype).tiny)
-    pos = (x - lo).div_(delta)
-    i0 = pos.floor().clamp_(0, bins - 2)
-    frac = pos.sub_(i0).clamp_(0, 1)
-    idx = i0.to(torch.int32)
-    del i0
+    pos = (x - lo).div_(delta)  # >= 0, so truncation is floor
+    idx = pos.to(torch.int32).clamp_(0, bins - 2)
+    frac = pos.sub_(idx).clamp_(0, 1)
     if groups > 1:
         idx += torch.arange(groups, device=x.device, dtype=torch.int32).unsqueeze(1) * bins
     idx = idx.reshape(-1)
@@ -421,7 +419,7 @@ class BinnedDKM(torch.autograd.Function):
             tab = engine.table()[..., 0]
             step = torch.nn.functional.pad(tab[:, 1:] - tab[:, :-1], (0, 1))
             out = tab.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n)
-            out += frac * step.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n)
+            out.addcmul_(frac, step.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n))
             ctx.save_for_backward(idx, frac)
             ctx.state = (engine, step / delta, delta)
         c = c.to(xd.dtype)
@@ -445,7 +443,7 @@ class BinnedDKM(torch.autograd.Function):
             g_t = torch.bincount(idx, weights=g.reshape(-1), minlength=size).reshape(shape).double()
             _, g_h1, _, g_e = engine.backward(g_t.unsqueeze(-1), want_e=True)
             _, _, own = engine.table_backward(torch.ones_like(engine.e), want_e=True)
-            g_x = g * per_weight(own[..., 0])
+            g_x = per_weight(own[..., 0]).mul_(g)
             g_x += per_weight(g_h1[..., 0] + g_e[..., 0] / engine.h0.clamp_min(1))
             return g_x.unsqueeze(-1), None, None, None, None, None
         idx, frac = ctx.saved_tensors
@@ -459,7 +457,7 @@ class BinnedDKM(torch.autograd.Function):
         # x = grid[i0] + f delta; h0, h1 move with x through the hat weights (1 - f, f):
         # dL/dx = g * slope + (dp + x dq) / delta + g_h1[i0] + f dq = g * slope + base + 2 f dq
         base = (dp + engine.e[..., 0] * dq) / delta + g_h1
-        g_x = g * per_weight(slope)
+        g_x = per_weight(slope).mul_(g)
         g_x += per_weight(base)
-        g_x += 2 * frac * per_weight(dq)
+        g_x.addcmul_(frac, per_weight(dq), value=2.0)
         return g_x.unsqueeze(-1), None, None, None, None, None

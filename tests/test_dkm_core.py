@@ -358,7 +358,7 @@ def test_lambda_damps_outliers():
 
 
 def test_cluster_tol_splits_duplicates():
-    model, _ = palettize({"n_bits": 2}, steps=1)
+    model, _ = palettize({"n_bits": 2, "palett_cluster_tol": 0.05}, steps=1)
     fp = model[0].parametrizations.weight[0]
     fp.centroids[0, 1] = fp.centroids[0, 0]
     x = model[0].parametrizations.weight.original.detach().reshape(1, -1, 1)
@@ -368,7 +368,7 @@ def test_cluster_tol_splits_duplicates():
     assert fp.split_duplicates(x) == 0
 
 
-@pytest.mark.parametrize("init", ["opt1d", "uniform", "cpu.kmeans++"])
+@pytest.mark.parametrize("init", ["auto", "opt1d", "uniform", "cpu.kmeans++"])
 def test_kmeans_init_choices(init):
     from dkm_palett.kmeans import kmeans_1d_exact
     model, _ = palettize({"n_bits": 2, "kmeans_init": init, "kmeans_opt1d_threshold": 1}, steps=0)
@@ -439,3 +439,23 @@ def test_palettizer_state_dict_round_trip():
     pal2.load_state_dict({"step_count": 10})
     assert bool(model[0].parametrizations.weight[0].enabled)
     assert isinstance(model[0].parametrizations.weight[0], FakePalettize)
+
+
+def test_half_precision_weights_take_the_exact_binned_path_and_match_dense():
+    outputs = {}
+    for impl in ("auto", "dense"):
+        torch.manual_seed(0)
+        layer = nn.Sequential(nn.Linear(64, 96)).to(torch.bfloat16)
+        pal = DKMPalettizer(layer, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(
+            n_bits=2, weight_threshold=0, dkm_impl=impl, dkm_bins=1024)))
+        pal.prepare(inplace=True)
+        fp = layer[0].parametrizations.weight[0]
+        original = layer[0].parametrizations.weight.original
+        assert fp.use_binned(original) == (impl == "auto") and fp._exact_dtype(original) == torch.bfloat16
+        w = layer[0].weight
+        (g,) = torch.autograd.grad((w.float() * torch.linspace(-1, 1, w.numel()).reshape(w.shape)).sum(), original)
+        outputs[impl] = (w.detach().float(), g.float(), fp.centroids.clone())
+    (wa, ga, ca), (wd, gd, cd) = outputs["auto"], outputs["dense"]
+    assert torch.allclose(ca, cd, rtol=1e-5, atol=1e-7)
+    assert (wa - wd).abs().max() <= 1e-2 * wd.abs().max()  # bf16 output rounding
+    assert torch.allclose(ga, gd, rtol=2e-2, atol=1e-3 * gd.abs().max().item())

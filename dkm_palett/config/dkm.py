@@ -20,7 +20,7 @@ from dkm_palett.spec import (
 )
 from dkm_palett.validation import check_choice, check_int, check_keys, check_number, check_type
 
-KMEANS_INITS = ("cpu.kmeans++", "kmeans_pp", "efficient_kmeans", "opt1d", "uniform")
+KMEANS_INITS = ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans", "opt1d", "uniform")
 PALETT_MODES = ("dkm", "gsm", "hard")
 DKM_IMPLS = ("auto", "dense", "binned")
 _ACT_DTYPES = {"qint8": torch.qint8, "quint8": torch.quint8, torch.qint8: torch.qint8, torch.quint8: torch.quint8}
@@ -51,7 +51,7 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     palett_max_mem: float = 1.0
     kmeans_max_iter: int = 3
     prune_threshold: float = 0.0
-    kmeans_init: str = "cpu.kmeans++"
+    kmeans_init: str = "auto"
     kmeans_opt1d_threshold: int = 1024
     enforce_zero: bool = False
     palett_mode: str = "dkm"
@@ -59,7 +59,7 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     palett_epsilon: float = 1e-4
     palett_lambda: float = 0.0
     add_extra_centroid: bool = False
-    palett_cluster_tol: float = 0.05
+    palett_cluster_tol: float = 0.0
     granularity: str = "per_tensor"
     group_size: Optional[int] = None
     enable_per_channel_scale: bool = False
