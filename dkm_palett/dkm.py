@@ -204,7 +204,7 @@ class FakePalettize(nn.Module):
         c0 = self.centroids.to(x.dtype).clone()
         # palett_max_mem: half of the budget for the chunk working set, half for the attention cache
         budget = self._budget(x.device) / 2
-        rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget / x.shape[0])
+        rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget, x.shape[0])
         if self.use_binned(weight):
             out, c = BinnedDKM.apply(x, c0, p, self.config.dkm_bins, self._exact_dtype(weight), rows)
         else:

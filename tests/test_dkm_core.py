@@ -420,7 +420,8 @@ def test_nan_weights_raise_naming_module():
 
 def test_palett_max_mem_bounds_chunk_rows():
     from dkm_palett.dkm_math import chunk_rows
-    assert chunk_rows(16, 1, 1e6) < chunk_rows(16, 1, 1e8)
+    assert chunk_rows(16, 1, 1e5) < chunk_rows(16, 1, 1e6) <= chunk_rows(16, 1, 1e8) == 16384
+    assert chunk_rows(16, 1, 1e8, groups=64) == 256 and chunk_rows(16, 1, 1.0) == 64
     model, _ = palettize({"n_bits": 4, "dkm_impl": "dense", "palett_max_mem": 1e-9})
     assert bool(model[0].parametrizations.weight[0].initialized)
 
