@@ -36,6 +36,19 @@ def from_plain(value: Any) -> Any:
     return value
 
 
+def coerce_entry(value: Any, cls: type, where: str, alternatives: str = "a dict or None") -> Any:
+    """A config entry: ``None``, a ``cls`` instance, or a dict for ``cls.from_dict`` (its errors name ``where``)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls.from_dict(value)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{where}: {err}") from None
+    article = "an" if cls.__name__[0] in "AEIOU" else "a"
+    raise TypeError(f"{where} must be {article} {cls.__name__}, {alternatives}; got {type(value).__name__}.")
+
+
 def load_yaml_mapping(yml: Union[IO, str, os.PathLike]) -> dict:
     """Read a YAML mapping from a stream, a path, or a YAML string."""
     if hasattr(yml, "read"):

@@ -13,7 +13,7 @@ from typing import IO, Any, Optional, Union
 import yaml
 from torch import nn
 
-from dkm_palett.config.base import load_yaml_mapping
+from dkm_palett.config.base import coerce_entry, load_yaml_mapping
 from dkm_palett.io import atomic_write_text
 from dkm_palett.module_support import name_matches, resolve_type_key, type_name
 from dkm_palett.spec import (
@@ -135,14 +135,7 @@ class OpPalettizerConfig:
 
 
 def _op_entry(value: Any, where: str) -> Optional[OpPalettizerConfig]:
-    if value is None or isinstance(value, OpPalettizerConfig):
-        return value
-    if isinstance(value, dict):
-        try:
-            return OpPalettizerConfig.from_dict(value)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{where}: {err}") from None
-    raise TypeError(f"{where} must be an OpPalettizerConfig, a dict or None; got {type(value).__name__}.")
+    return coerce_entry(value, OpPalettizerConfig, where)
 
 
 def _type_key(key: Any) -> Union[type, str]:

@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from dkm_palett.config.base import ConfigIO, load_yaml_mapping
+from dkm_palett.config.base import ConfigIO, coerce_entry, load_yaml_mapping
 from dkm_palett.module_support import resolve_type_key, type_name
 from dkm_palett.spec import (
     ALLOWED_N_BITS,
@@ -229,13 +229,6 @@ class DKMPalettizerConfig(ConfigIO):
 
 
 def _module_entry(value: Any, where: str, allow_list: bool) -> ModuleConfigEntry:
-    if value is None or isinstance(value, ModuleDKMPalettizerConfig):
-        return value
-    if isinstance(value, dict):
-        try:
-            return ModuleDKMPalettizerConfig.from_dict(value)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{where}: {err}") from None
     if isinstance(value, (list, tuple)):
         if not allow_list:
             raise TypeError(f"{where}: a list of configs is only allowed for module_type_configs.")
@@ -243,8 +236,8 @@ def _module_entry(value: Any, where: str, allow_list: bool) -> ModuleConfigEntry
         if any(e is None for e in entries):
             raise TypeError(f"{where}: a list entry cannot be None; drop it instead.")
         return entries
-    raise TypeError(f"{where} must be a ModuleDKMPalettizerConfig, a dict, None"
-                    f"{' or a list of those' if allow_list else ''}; got {type(value).__name__}.")
+    return coerce_entry(value, ModuleDKMPalettizerConfig, where,
+                        "a dict, None or a list of those" if allow_list else "a dict or None")
 
 
 def load_dkm_config(source: Any) -> DKMPalettizerConfig:

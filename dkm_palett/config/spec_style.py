@@ -23,7 +23,7 @@ from typing import IO, Any, Optional, Union
 import yaml
 from torch import nn
 
-from dkm_palett.config.base import load_yaml_mapping
+from dkm_palett.config.base import coerce_entry, load_yaml_mapping
 from dkm_palett.io import atomic_write_text
 from dkm_palett.module_support import (
     SUPPORTED_PARAMS,
@@ -49,14 +49,7 @@ def _default_state_specs() -> dict:
 
 
 def _spec_entry(value: Any, where: str) -> Optional[PalettizationSpec]:
-    if value is None or isinstance(value, PalettizationSpec):
-        return value
-    if isinstance(value, dict):
-        try:
-            return PalettizationSpec.from_dict(value)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{where}: {err}") from None
-    raise TypeError(f"{where} must be a PalettizationSpec, a dict or None; got {type(value).__name__}.")
+    return coerce_entry(value, PalettizationSpec, where)
 
 
 def _spec_map(value: Any, where: str) -> dict:
@@ -112,14 +105,7 @@ class OpKMeansPalettizerConfig:
 
 
 def _op_entry(value: Any, where: str) -> Optional[OpKMeansPalettizerConfig]:
-    if value is None or isinstance(value, OpKMeansPalettizerConfig):
-        return value
-    if isinstance(value, dict):
-        try:
-            return OpKMeansPalettizerConfig.from_dict(value)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{where}: {err}") from None
-    raise TypeError(f"{where} must be an OpKMeansPalettizerConfig, a dict or None; got {type(value).__name__}.")
+    return coerce_entry(value, OpKMeansPalettizerConfig, where)
 
 
 def _preset_spec(n_bits: int) -> PalettizationSpec:
