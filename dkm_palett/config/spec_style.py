@@ -197,14 +197,7 @@ class ModuleKMeansPalettizerConfig:
 
 
 def _module_entry(value: Any, where: str) -> Optional[ModuleKMeansPalettizerConfig]:
-    if value is None or isinstance(value, ModuleKMeansPalettizerConfig):
-        return value
-    if isinstance(value, dict):
-        try:
-            return ModuleKMeansPalettizerConfig.from_dict(value)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{where}: {err}") from None
-    raise TypeError(f"{where} must be a ModuleKMeansPalettizerConfig, a dict or None; got {type(value).__name__}.")
+    return coerce_entry(value, ModuleKMeansPalettizerConfig, where)
 
 
 class _Unset:
