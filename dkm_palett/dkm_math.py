@@ -378,20 +378,25 @@ def _shift(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(t[:, :-1], (1, 0))
 
 
+def _step(t: torch.Tensor) -> torch.Tensor:
+    """``out[:, b] = t[:, b + 1] - t[:, b]``, ``out[:, -1] = 0``."""
+    return torch.nn.functional.pad(t[:, 1:] - t[:, :-1], (0, 1))
+
+
 def _value_bins(x: torch.Tensor, dtype: torch.dtype):
     """One bin per distinct ``dtype`` (fp16/bf16) value, found from the bit patterns in O(N).
 
     Returns the flat int32 bin index, the distinct values ``(U,)`` and the counts ``(G, U)``."""
     groups = x.shape[0]
     codes = x.to(dtype).view(torch.int16).to(torch.int32) + 32768
-    offsets = torch.arange(groups, device=x.device, dtype=torch.int32).unsqueeze(1) * 65536
-    counts = torch.bincount((codes + offsets).reshape(-1), minlength=groups * 65536).reshape(groups, 65536)
+    group_ids = torch.arange(groups, device=x.device, dtype=torch.int32).unsqueeze(1)
+    counts = torch.bincount((codes + group_ids * 65536).reshape(-1), minlength=groups * 65536).reshape(groups, 65536)
     present = counts.sum(0) > 0
     remap = torch.cumsum(present, 0, dtype=torch.int32) - 1
     all_codes = torch.arange(-32768, 32768, device=x.device, dtype=torch.int32)
     values = all_codes[present].to(torch.int16).view(dtype).to(x.dtype)
     u = values.numel()
-    idx = (remap[codes.long()] + torch.arange(groups, device=x.device, dtype=torch.int32).unsqueeze(1) * u)
+    idx = remap[codes.long()] + group_ids * u
     return idx.reshape(-1), values, counts[:, present].to(x.dtype)
 
 
@@ -410,7 +415,8 @@ class BinnedDKM(torch.autograd.Function):
         if exact_dtype is not None:
             idx, values, counts = _value_bins(xd, exact_dtype)
             e = values.to(f64).reshape(1, -1, 1).expand(groups, -1, 1).contiguous()
-            engine = PointDKM(e, counts.to(f64), counts.to(f64).unsqueeze(-1) * e, p, rows)
+            counts = counts.to(f64)
+            engine = PointDKM(e, counts, counts.unsqueeze(-1) * e, p, rows)
             c = engine.run(c0.detach().to(f64))
             tab = engine.table()[..., 0].to(xd.dtype)
             out = tab.reshape(-1).index_select(0, idx).reshape(groups, n)
@@ -421,7 +427,7 @@ class BinnedDKM(torch.autograd.Function):
             engine = PointDKM(grid.unsqueeze(-1), h0, h1.unsqueeze(-1), p, rows)
             c = engine.run(c0.detach().to(f64))
             tab = engine.table()[..., 0]
-            step = torch.nn.functional.pad(tab[:, 1:] - tab[:, :-1], (0, 1))
+            step = _step(tab)
             out = tab.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n)
             out.addcmul_(frac, step.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n))
             ctx.save_for_backward(idx, frac)
@@ -456,8 +462,7 @@ class BinnedDKM(torch.autograd.Function):
         g_t = g_left - g_right + _shift(g_right)
         g_h0, g_h1, _, _ = engine.backward(g_t.unsqueeze(-1), want_e=False)
         g_h1 = g_h1[..., 0]
-        dq = torch.nn.functional.pad(g_h1[:, 1:] - g_h1[:, :-1], (0, 1))
-        dp = torch.nn.functional.pad(g_h0[:, 1:] - g_h0[:, :-1], (0, 1))
+        dq, dp = _step(g_h1), _step(g_h0)
         # x = grid[i0] + f delta; h0, h1 move with x through the hat weights (1 - f, f):
         # dL/dx = g * slope + (dp + x dq) / delta + g_h1[i0] + f dq = g * slope + base + 2 f dq
         base = (dp + engine.e[..., 0] * dq) / delta + g_h1

@@ -368,7 +368,7 @@ def test_cluster_tol_splits_duplicates():
     assert fp.split_duplicates(x) == 0
 
 
-@pytest.mark.parametrize("init", ["auto", "opt1d", "uniform", "cpu.kmeans++"])
+@pytest.mark.parametrize("init", ["auto", "opt1d", "uniform", "cpu.kmeans++", "kmeans++"])
 def test_kmeans_init_choices(init):
     from dkm_palett.kmeans import kmeans_1d_exact
     model, _ = palettize({"n_bits": 2, "kmeans_init": init, "kmeans_opt1d_threshold": 1}, steps=0)
