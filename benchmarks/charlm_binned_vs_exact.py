@@ -1,7 +1,7 @@
 """Does the binned DKM hurt task quality? charlm (2-layer char transformer on pydoc_data.topics), 2-bit DKM
 fine-tuning with the exact dense DKM vs the binned DKM, from the same float baseline and seed.
 
-Runs the ``charlm`` recipe (``python -m recipes.train experiment=charlm``) once per mode: the first run trains
+Runs the ``charlm`` recipe (``python -m dkm_palett.recipes.train experiment=charlm``) once per mode: the first run trains
 the float baseline and the second loads it (``baseline.checkpoint``), so both fine-tune the same model.
 Prints a markdown table of validation loss; the issue's bar is ``|binned - exact| <= 0.01``.
 
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(HERE)
 
 
 def run_recipe(run_dir: str, bits: int, impl: str, seed: int, checkpoint: str | None) -> dict:
-    cmd = [sys.executable, "-m", "recipes.train", "experiment=charlm", f"palettization.n_bits={bits}",
+    cmd = [sys.executable, "-m", "dkm_palett.recipes.train", "experiment=charlm", f"palettization.n_bits={bits}",
            f"palettization.dkm_impl={impl}", f"seed={seed}", f"hydra.run.dir={run_dir}", "plots=false",
            "reference_post_training=false"]
     if checkpoint:

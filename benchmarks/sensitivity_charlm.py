@@ -36,8 +36,8 @@ from dkm_palett.config.spec_style import KMeansPalettizerConfig, ModuleKMeansPal
 from dkm_palett.io import atomic_write_text  # noqa: E402
 from dkm_palett.post_training import KMeansPalettizer, SensitiveKMeansPalettizer  # noqa: E402
 from dkm_palett.spec import PalettizationSpec, PerGroupedChannelGranularity  # noqa: E402
-from recipes.data.charlm import VOCAB_SIZE, CharLMDataModule  # noqa: E402
-from recipes.models.char_transformer import CharTransformer  # noqa: E402
+from dkm_palett.recipes.data.charlm import VOCAB_SIZE, CharLMDataModule  # noqa: E402
+from dkm_palett.recipes.models.char_transformer import CharTransformer  # noqa: E402
 
 GRANULARITIES = ("per_tensor", "per_tensor_scale", "per_channel")
 # conf/model/char_transformer.yaml and conf/data/charlm.yaml

@@ -1,5 +1,5 @@
-"""Lightning callbacks for dkm_palett (imports lightning; the core package ``dkm_palett`` never does)."""
+"""Lightning callbacks for dkm_palett (they import lightning; the core engine modules never do)."""
 
-from callbacks.dkm_palettization import DKMPalettizationCallback
+from dkm_palett.callbacks.dkm_palettization import DKMPalettizationCallback
 
 __all__ = ["DKMPalettizationCallback"]

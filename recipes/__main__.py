@@ -1,5 +1,5 @@
-"""``python -m recipes`` runs the same app as ``python -m recipes.train``."""
+"""``python -m dkm_palett.recipes`` runs the same app as ``python -m dkm_palett.recipes.train``."""
 
-from recipes.train import main
+from dkm_palett.recipes.train import main
 
 main()

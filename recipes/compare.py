@@ -8,9 +8,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from recipes import phases
-from recipes.config import build_dkm_config
-from recipes.report import compression, primary_metric
+from dkm_palett.recipes import phases
+from dkm_palett.recipes.config import build_dkm_config
+from dkm_palett.recipes.report import compression, primary_metric
 
 
 def fresh_copy(cfg: DictConfig, state: dict) -> L.LightningModule:

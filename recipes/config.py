@@ -10,13 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def conf_dir() -> str:
-    """Absolute path of the ``conf`` folder: next to the ``recipes`` package (source tree or site-packages)."""
-    sibling = Path(__file__).resolve().parent.parent / "conf"
-    if (sibling / "config.yaml").is_file():
-        return str(sibling)
+    """Absolute path of the Hydra configs: the ``dkm_palett.conf`` package (``conf/`` in the source tree)."""
     from importlib.resources import files
 
-    return str(files("conf"))
+    return str(files("dkm_palett.conf"))
 
 
 def _field_names() -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m recipes.train`` / ``dkm-palett-train`` (a Hydra app over the ``conf`` package).
+"""Entry point: ``python -m dkm_palett.recipes.train`` / ``dkm-palett-train`` (a Hydra app over the ``conf`` package).
 
 One run: float baseline (trained or loaded) -> DKM fine-tuning with the Lightning callback -> finalize ->
 evaluate -> Core ML + portable export -> report.json, plots, logs, summary table in the Hydra run dir.
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.config import conf_dir
+from dkm_palett.recipes.config import conf_dir
 
 CONFIG_DIR = conf_dir()
 _STATE = {"phase": "setup"}  # "setup" while checking the config, "run" once data loading/training has begun
@@ -38,9 +38,9 @@ def run(cfg, run_dir: str | os.PathLike) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from recipes import phases
-    from recipes.config import build_dkm_config, check_layers, check_targets, resolve_checkpoint
-    from recipes.report import compression, primary_metric, summary, write_report
+    from dkm_palett.recipes import phases
+    from dkm_palett.recipes.config import build_dkm_config, check_layers, check_targets, resolve_checkpoint
+    from dkm_palett.recipes.report import compression, primary_metric, summary, write_report
 
     _silence()
     _STATE["phase"] = "setup"
@@ -80,7 +80,7 @@ def run(cfg, run_dir: str | os.PathLike) -> dict:
     t = time.perf_counter()
     report: dict = {"name": cfg.name, "mode": cfg.mode, "metric": metric}
     if cfg.mode == "compare":
-        from recipes.compare import run_compare
+        from dkm_palett.recipes.compare import run_compare
 
         state = {k: v.detach().clone() for k, v in lit.state_dict().items()}
         result = run_compare(cfg, datamodule, run_dir, state, baseline_metrics, example)
@@ -91,7 +91,7 @@ def run(cfg, run_dir: str | os.PathLike) -> dict:
         artifacts = phases.artifacts(cfg, chosen["callback"])
     else:
         if cfg.get("reference_post_training", True) and cfg.palettization.n_bits is not None:
-            from recipes.compare import fresh_copy, post_training
+            from dkm_palett.recipes.compare import fresh_copy, post_training
 
             state = {k: v.detach().clone() for k, v in lit.state_dict().items()}
             ptq = post_training(cfg, fresh_copy(cfg, state), int(cfg.palettization.n_bits))
@@ -127,7 +127,7 @@ def run(cfg, run_dir: str | os.PathLike) -> dict:
 
 
 def _plots(cfg, report: dict, lit, float_weights: dict, run_dir: Path) -> list[str]:
-    from recipes import plots
+    from dkm_palett.recipes import plots
 
     metric = report["metric"]
     bits = report["config"]["palettization"].get("n_bits")

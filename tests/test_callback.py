@@ -17,7 +17,7 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
-from callbacks import DKMPalettizationCallback  # noqa: E402
+from dkm_palett.callbacks import DKMPalettizationCallback  # noqa: E402
 from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig  # noqa: E402
 from dkm_palett.lut import palettized_tensors  # noqa: E402
 from dkm_palett.palettizer import fake_palettizers  # noqa: E402

@@ -18,7 +18,6 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 CONFIG = {
     "global_config": {"n_bits": 2, "weight_threshold": 100},
     "module_name_configs": {"net.3": {"n_bits": 3, "weight_threshold": 100, "milestone": 2}},
@@ -52,7 +51,7 @@ class SaveRankState(Callback):
 def run_training(strategy: str, out: Path) -> None:
     import torch
 
-    from callbacks import DKMPalettizationCallback
+    from dkm_palett.callbacks import DKMPalettizationCallback
     from dkm_palett.io import atomic_torch_save
     from helpers_lightning import DigitsClassifier, DigitsDataModule
 
@@ -73,7 +72,7 @@ def run_training(strategy: str, out: Path) -> None:
 def _run_script(strategy: str, out: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in _DIST_ENV and not k.startswith(("SLURM_", "PL_", "TORCHELASTIC_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])  # helpers_lightning
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), strategy, str(out)], cwd=str(out),
                           env=env, capture_output=True, text=True, timeout=300)
@@ -119,5 +118,5 @@ def test_ddp_ranks_hold_identical_luts(strategy, tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path[:0] = [str(ROOT), str(HERE)]
+    sys.path[:0] = [str(HERE)]
     run_training(sys.argv[1], Path(sys.argv[2]).resolve())

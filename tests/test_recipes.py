@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from recipes.config import conf_dir  # noqa: E402
-from recipes.train import run  # noqa: E402
+from dkm_palett.recipes.config import conf_dir  # noqa: E402
+from dkm_palett.recipes.train import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_COREML = __import__("importlib").util.find_spec("coremltools") is not None
@@ -38,9 +38,9 @@ def compose_cfg(overrides: list[str]):
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)  # the installed package only: no path into the source tree
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "recipes.train", *args], cwd=cwd or REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "dkm_palett.recipes.train", *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -100,7 +100,7 @@ def test_default_run_writes_report_plots_logs_artifacts(digits_run):
 def test_default_run_model_is_really_palettized_and_portable_file_round_trips(digits_run):
     from dkm_palett.export import load_compressed
     from dkm_palett.lut import palettized_tensors
-    from recipes.models import SmallCNN
+    from dkm_palett.recipes.models import SmallCNN
 
     run_dir, _ = digits_run
     net = load_compressed(run_dir / "artifacts" / "model.safetensors", SmallCNN())
@@ -170,8 +170,8 @@ def test_cli_help_and_cfg_job(tmp_path):
     cfg = yaml.safe_load(job.stdout)
     assert cfg["name"] == "mnist5k_cnn"
     assert cfg["palettization"]["n_bits"] == 2 and cfg["trainer"]["max_epochs"] == 3
-    assert cfg["data"]["_target_"] == "recipes.data.MNIST5kDataModule"
-    assert cfg["callbacks"]["dkm"]["_target_"] == "callbacks.DKMPalettizationCallback"
+    assert cfg["data"]["_target_"] == "dkm_palett.recipes.data.MNIST5kDataModule"
+    assert cfg["callbacks"]["dkm"]["_target_"] == "dkm_palett.callbacks.DKMPalettizationCallback"
 
 
 # ----------------------------------------------------------------------------------------------- other experiments
@@ -199,7 +199,7 @@ def test_charlm_reports_loss_and_perplexity(tmp_path):
 
 def test_mnist5k_runs_on_bundled_images(tmp_path):
     report = run(compose_cfg(FAST + NO_EXPORT + ["experiment=mnist5k_cnn", "plots=false"]), tmp_path)
-    assert report["config"]["data"]["_target_"] == "recipes.data.MNIST5kDataModule"
+    assert report["config"]["data"]["_target_"] == "dkm_palett.recipes.data.MNIST5kDataModule"
     assert report["layers"]["net.classifier.1.weight"]["n_bits"] == 2
     assert report["layers"]["net.classifier.1.weight"]["n_params"] == 32 * 7 * 7 * 128
     assert report["baseline"]["accuracy"] > 0.1
@@ -285,8 +285,8 @@ def test_cli_multirun_gives_one_dir_per_bit_width_and_a_bits_plot(tmp_path):
 
 
 def test_data_modules_load_bundled_data():
-    from recipes.data import CharLMDataModule, DigitsDataModule
-    from recipes.data.charlm import ALPHABET, VOCAB_SIZE, decode, encode
+    from dkm_palett.recipes.data import CharLMDataModule, DigitsDataModule
+    from dkm_palett.recipes.data.charlm import ALPHABET, VOCAB_SIZE, decode, encode
 
     digits = DigitsDataModule(batch_size=32)
     digits.setup()

@@ -152,7 +152,7 @@ def test_coreml_style_config_and_errors(digits):
 
 # ----------------------------------------------------------------------------------------- char-level LM
 
-#: recipes.data.charlm's fixed alphabet (newline + printable ASCII; id 0 = unknown), without importing lightning.
+#: dkm_palett.recipes.data.charlm's fixed alphabet (newline + printable ASCII; id 0 = unknown), without importing lightning.
 _ALPHABET = "\n" + "".join(chr(i) for i in range(32, 127))
 _CTX, _EMB, _HIDDEN = 8, 16, 128
 

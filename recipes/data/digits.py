@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recipes.data.arrays import ArrayImageDataModule
+from dkm_palett.recipes.data.arrays import ArrayImageDataModule
 
 
 class DigitsDataModule(ArrayImageDataModule):
