@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from dkm_palett.config.dkm import DKMPalettizerConfig, load_dkm_config
+from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
 from dkm_palett.lut import palettized_tensors, records_of
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
@@ -61,7 +61,8 @@ class DKMPalettizationCallback(Callback):
 
     Args:
         config: a ``DKMPalettizerConfig``, a ``ModuleDKMPalettizerConfig`` (global), a plain dict, a YAML path, or
-            None (defaults). Validated here.
+            None (defaults). Validated here. From LightningCLI YAML: ``init_args: {config: {global_config: ...}}``
+            or ``config: path/to/dkm.yaml`` (relative to the working directory).
         export_dir: folder for the exports (created if missing); None: no export.
         exports: which exports to write, any of ``"coreml"`` and ``"safetensors"``.
         export_module: export this attribute of the LightningModule (e.g. ``"net"``) instead of the module itself.
@@ -75,7 +76,9 @@ class DKMPalettizationCallback(Callback):
 
     def __init__(
         self,
-        config: Any = None,
+        # dict and str first: LightningCLI (jsonargparse) then hands a YAML mapping or path to load_dkm_config as is,
+        # so its validation errors are the ones users see.
+        config: Union[dict, str, os.PathLike, DKMPalettizerConfig, ModuleDKMPalettizerConfig, None] = None,
         export_dir: Optional[Union[str, os.PathLike]] = None,
         exports: Union[str, tuple, list] = EXPORTS,
         export_module: Optional[str] = None,
