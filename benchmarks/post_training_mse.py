@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dkm_palett.config.coreml_style import OpPalettizerConfig, OptimizationConfig  # noqa: E402
+from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig  # noqa: E402
 from dkm_palett.post_training import palettize_weights  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from dkm_palett.config.spec_style import KMeansPalettizerConfig, ModuleKMeansPalettizerConfig  # noqa: E402
+from dkm_palett.config.kmeans_palettizer import KMeansPalettizerConfig, ModuleKMeansPalettizerConfig  # noqa: E402
 from dkm_palett.io import atomic_write_text  # noqa: E402
 from dkm_palett.post_training import KMeansPalettizer, SensitiveKMeansPalettizer  # noqa: E402
 from dkm_palett.spec import PalettizationSpec, PerGroupedChannelGranularity  # noqa: E402

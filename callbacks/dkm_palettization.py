@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
+from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
 from dkm_palett.lut import palettized_tensors, records_of
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers

@@ -1,13 +1,13 @@
 """dkm_palett: palettization (weight clustering) for PyTorch, trained with DKM, exported to Core ML."""
 
-from dkm_palett.config.coreml_style import OpPalettizerConfig, OptimizationConfig
-from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig
-from dkm_palett.config.spec_style import (
+from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
+from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig
+from dkm_palett.config.kmeans_palettizer import (
     KMeansPalettizerConfig,
     ModuleKMeansPalettizerConfig,
     OpKMeansPalettizerConfig,
 )
-from dkm_palett.dkm import FakePalettize
+from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.export import export_coreml, load_compressed, read_back_lut_weights, save_compressed
 from dkm_palett.lut import PalettizedTensor, palettized_tensors
 from dkm_palett.palettizer import DKMPalettizer

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
-from dkm_palett.dkm import FakePalettize
+from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
+from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.lut import attach, palettized_tensors
 from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
 from dkm_palett.report import Report, record_stats

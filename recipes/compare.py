@@ -22,7 +22,7 @@ def fresh_copy(cfg: DictConfig, state: dict) -> L.LightningModule:
 
 def post_training(cfg: DictConfig, lit: L.LightningModule, n_bits: int) -> L.LightningModule:
     """Palettize ``lit`` in place with data-free k-means, mirroring the DKM settings (granularity, threshold...)."""
-    from dkm_palett.config.coreml_style import OpPalettizerConfig
+    from dkm_palett.config.palettize_weights import OpPalettizerConfig
     from dkm_palett.post_training import palettize_weights
 
     p = cfg.palettization

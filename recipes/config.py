@@ -19,7 +19,7 @@ def conf_dir() -> str:
 def _field_names() -> tuple[str, ...]:
     import dataclasses
 
-    from dkm_palett.config.dkm import ModuleDKMPalettizerConfig
+    from dkm_palett.config.training import ModuleDKMPalettizerConfig
 
     return tuple(f.name for f in dataclasses.fields(ModuleDKMPalettizerConfig))
 
@@ -36,7 +36,7 @@ def _prefixed(err: Exception, where: str = "palettization") -> Exception:
 
 def build_dkm_config(palettization: Any, n_bits: int | None = None):
     """``DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(**palettization))``; ``n_bits`` overrides."""
-    from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig
+    from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig
 
     data = OmegaConf.to_container(palettization, resolve=True) if isinstance(palettization, DictConfig) \
         else dict(palettization)

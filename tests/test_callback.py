@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from dkm_palett.callbacks import DKMPalettizationCallback  # noqa: E402
-from dkm_palett.config.dkm import DKMPalettizerConfig, ModuleDKMPalettizerConfig  # noqa: E402
+from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig  # noqa: E402
 from dkm_palett.lut import palettized_tensors  # noqa: E402
 from dkm_palett.palettizer import fake_palettizers  # noqa: E402
 from helpers_lightning import DigitsClassifier, DigitsDataModule, quiet_trainer_kwargs  # noqa: E402

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dkm_palett import kmeans as km
+from dkm_palett.kmeans import exact_1d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def total_scatter(x, w):
 
 
 def assert_optimal(x, w, k):
-    c = km._kmeans_1d_exact_f64(torch.from_numpy(x), k, torch.from_numpy(w))
+    c = exact_1d._kmeans_1d_exact_f64(torch.from_numpy(x), k, torch.from_numpy(w))
     assert c.shape == (k,)
     assert np.all(np.diff(c) >= 0)
     got, ref = sse_1d(x, w, c), reference_dp(x, w, k)
@@ -86,8 +87,8 @@ def _random_case(rng):
 def test_exact_matches_reference_for_every_k(seed, monkeypatch):
     """Against the plain O(k n^2) DP: every k from 1 to 2 past the number of distinct values."""
     spliced = []
-    splice = km._splice
-    monkeypatch.setattr(km, "_splice", lambda P, Q, k: spliced.append(k) or splice(P, Q, k))
+    splice = exact_1d._splice
+    monkeypatch.setattr(exact_1d, "_splice", lambda P, Q, k: spliced.append(k) or splice(P, Q, k))
     rng = np.random.default_rng(seed)
     for _ in range(12):
         x, w = _random_case(rng)
@@ -102,8 +103,8 @@ def test_exact_degenerate_hull_uses_splice(monkeypatch):
     """Evenly spaced equal-weight points: OPT(c) is linear over runs of c, so no penalty gives exactly
     k clusters for many k and the optimal k-partition is spliced from two penalised optima."""
     spliced = []
-    splice = km._splice
-    monkeypatch.setattr(km, "_splice", lambda P, Q, k: spliced.append(k) or splice(P, Q, k))
+    splice = exact_1d._splice
+    monkeypatch.setattr(exact_1d, "_splice", lambda P, Q, k: spliced.append(k) or splice(P, Q, k))
     x = np.arange(40, dtype=float)
     w = np.ones(40)
     for k in range(1, 42):
@@ -115,7 +116,7 @@ def test_splice_builds_k_cluster_path():
     P = np.array([0, 5, 10])
     Q = np.array([0, 1, 2, 3, 6, 7, 8, 9, 10])
     for k in range(3, 8):
-        R = km._splice(P, Q, k)
+        R = exact_1d._splice(P, Q, k)
         assert R.shape == (k + 1,) and R[0] == 0 and R[-1] == 10 and np.all(np.diff(R) > 0)
         assert set(R) <= set(P) | set(Q)
 
@@ -143,8 +144,8 @@ def test_exact_k256_against_reference():
 def test_exact_large_n_small_k_against_reference(monkeypatch):
     """n > 256 k: the first penalty comes from a coarsened instance (a nested solve); still optimal."""
     calls = []
-    inner = km._optimal_bounds
-    monkeypatch.setattr(km, "_optimal_bounds", lambda x, w, W, k: calls.append(x.shape[0]) or inner(x, w, W, k))
+    inner = exact_1d._optimal_bounds
+    monkeypatch.setattr(exact_1d, "_optimal_bounds", lambda x, w, W, k: calls.append(x.shape[0]) or inner(x, w, W, k))
     rng = np.random.default_rng(9)
     for n, k in [(1500, 2), (1500, 3), (1500, 4)]:
         x = np.round(rng.standard_t(3, size=n) * 1000) / 1000  # some duplicates
@@ -167,10 +168,10 @@ def test_exact_vanishing_weights_are_ignored():
     w = torch.rand(3000, generator=g, dtype=torch.float64) + 0.5
     tiny = w.clone()
     tiny[::7] = 1e-30
-    c = km._kmeans_1d_exact_f64(x, 32, tiny)
+    c = exact_1d._kmeans_1d_exact_f64(x, 32, tiny)
     keep = torch.ones(3000, dtype=torch.bool)
     keep[::7] = False
-    ref = km._kmeans_1d_exact_f64(x[keep], 32, w[keep])
+    ref = exact_1d._kmeans_1d_exact_f64(x[keep], 32, w[keep])
     assert np.all(np.isfinite(c))
     np.testing.assert_allclose(c, ref, rtol=0, atol=1e-9)
 
@@ -189,15 +190,15 @@ def test_kernels_fall_back_when_cache_is_not_writable(monkeypatch):
         return real_njit(*args, **kwargs)
 
     monkeypatch.setattr(numba, "njit", njit)
-    km._kernels.cache_clear()
+    exact_1d._kernels.cache_clear()
     try:
         x = torch.randn(500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        c = km._kmeans_1d_exact_f64(x, 5)
+        c = exact_1d._kmeans_1d_exact_f64(x, 5)
         assert True in seen and False in seen
         xn = x.numpy()
         assert sse_1d(xn, np.ones(500), c) == pytest.approx(reference_dp(xn, np.ones(500), 5), rel=1e-9)
     finally:
-        km._kernels.cache_clear()
+        exact_1d._kernels.cache_clear()
 
 
 def test_exact_fewer_distinct_than_k():
@@ -241,7 +242,7 @@ def test_exact_never_worse_than_kmeanspp():
         x = torch.cat([torch.randn(1500, generator=g) * 0.3, torch.randn(500, generator=g) + 3])
         w = torch.rand(2000, generator=g)
         xn, wn = x.double().numpy(), w.double().numpy()
-        exact = km._kmeans_1d_exact_f64(x, 8, w)
+        exact = exact_1d._kmeans_1d_exact_f64(x, 8, w)
         pp = km.kmeans_plus_plus(x[:, None], 8, w, generator=torch.Generator().manual_seed(trial))
         assert sse_1d(xn, wn, exact) <= sse_1d(xn, wn, pp[:, 0].double().numpy()) * (1 + 1e-12)
 

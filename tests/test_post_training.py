@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dkm_palett.config.coreml_style import OpPalettizerConfig, OptimizationConfig
+from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
 from dkm_palett.kmeans import kmeans_1d_exact, kmeans_plus_plus
 from dkm_palett.lut import palettized_tensors, records_of
 from dkm_palett.post_training import cluster_weight, kmeans_1d, palettize_weights

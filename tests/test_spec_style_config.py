@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dkm_palett.config.spec_style import (
+from dkm_palett.config.kmeans_palettizer import (
     KMeansPalettizerConfig,
     ModuleKMeansPalettizerConfig,
     OpKMeansPalettizerConfig,

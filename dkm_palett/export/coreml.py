@@ -22,11 +22,7 @@ coremltools itself emits for ``enable_per_channel_scale``; it keeps the learned 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -38,56 +34,33 @@ import torch
 from torch import nn
 
 from dkm_palett import lut as lut_mod
+from dkm_palett.export.coreml_mil import (
+    float_lut,
+    fp16_exact,
+    import_coremltools,
+    placeholder_values,
+    quiet,
+    replace_placeholders,
+)
+from dkm_palett.export.coreml_read import load_program, read_back_lut_weights
 from dkm_palett.io import atomic_directory
 from dkm_palett.spec import ALLOWED_N_BITS
 from dkm_palett.validation import check_choice
+
+__all__ = ["export_coreml", "required_target", "load_program", "read_back_lut_weights"]
 
 PathLike = Union[str, os.PathLike]
 
 TRACE_MODES = ("torchscript", "torch_export")
 CONVERT_TO = ("mlprogram",)
 _META_PREFIX = "_COREML_"
-_PLACEHOLDER_BASE = 1024  # placeholder LUT values are small integers, exact in fp16
-
-
-def _ct():
-    """Import coremltools quietly (it logs about untested torch versions and the missing native library)."""
-    logger = logging.getLogger("coremltools")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import coremltools as ct
-    except ImportError:
-        raise ImportError("Core ML export needs coremltools: pip install 'dkm_palett[export]'.") from None
-    finally:
-        logger.setLevel(old)
-    return ct
-
-
-@contextmanager
-def _quiet(enabled: bool = True):
-    """Silence coremltools' progress bars (stderr), logging and warnings during conversion."""
-    if not enabled:
-        yield
-        return
-    logger = logging.getLogger("coremltools")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(old)
 
 
 # ----------------------------------------------------------------------------------------- targets & features
 
 
 def _target_from(value: Any):
-    ct = _ct()
+    ct = import_coremltools()
     if isinstance(value, ct.target):
         return value
     if isinstance(value, str):
@@ -120,7 +93,7 @@ def _features(rec: lut_mod.PalettizedTensor) -> list[str]:
 
 def required_target(model: nn.Module):
     """The lowest Core ML target that holds every palettized weight of ``model`` (None when there are none)."""
-    ct = _ct()
+    ct = import_coremltools()
     best = None
     for _, _, _, rec in lut_mod.palettized_tensors(model):
         need = ct.target.iOS18 if _features(rec) else ct.target.iOS16
@@ -130,7 +103,7 @@ def required_target(model: nn.Module):
 
 
 def _check_records(records, target) -> None:
-    ct = _ct()
+    ct = import_coremltools()
     for name, _, _, rec in records:
         if rec.n_bits not in ALLOWED_N_BITS:
             raise ValueError(
@@ -153,46 +126,15 @@ def _check_records(records, target) -> None:
             )
 
 
-def _fp16_exact(values: torch.Tensor) -> bool:
-    values = values.detach().float()
-    return bool(torch.equal(values.half().float(), values))
-
-
-def _float_lut(name: str, rec: lut_mod.PalettizedTensor) -> torch.Tensor:
-    """The float LUT values Core ML will hold; bf16/fp8 LUTs go as fp16 when that is lossless."""
-    if rec.lut_dtype in ("bf16", "fp8_e4m3", "fp8_e5m2"):
-        if not _fp16_exact(rec.lut):
-            raise ValueError(
-                f"{name}: Core ML has no {rec.lut_dtype} LUT dtype and its LUT values are not exactly representable "
-                "as float16 (out of fp16 range or too small), so it cannot be exported losslessly; "
-                "use lut_dtype 'f16' or 'f32' for this layer."
-            )
-    return rec.lut.detach().float()
-
-
 def _auto_precision(records) -> str:
     """float16 only when every palettized weight is exactly representable at fp16, else float32."""
     for _, _, _, rec in records:
-        if rec.lut_dtype in ("f32", "i8", "u8") or rec.scale is not None or not _fp16_exact(rec.lut):
+        if rec.lut_dtype in ("f32", "i8", "u8") or rec.scale is not None or not fp16_exact(rec.lut):
             return "float32"
     return "float16" if records else "float32"
 
 
 # ----------------------------------------------------------------------------------------- stage 1: metadata
-
-
-def _placeholder_values(k: int) -> tuple[float, float]:
-    return -float(k // _PLACEHOLDER_BASE + 1), float(k % _PLACEHOLDER_BASE + 1)
-
-
-def _placeholder_id(lut_values: np.ndarray) -> Optional[int]:
-    flat = np.asarray(lut_values, dtype=np.float64).reshape(-1)
-    if flat.size != 2:
-        return None
-    lo, hi = flat
-    if lo >= 0 or hi <= 0 or lo != round(lo) or hi != round(hi) or hi > _PLACEHOLDER_BASE:
-        return None
-    return int(-lo - 1) * _PLACEHOLDER_BASE + int(hi - 1)
 
 
 @contextmanager
@@ -209,7 +151,7 @@ def _metadata_buffers(model: nn.Module, records):
         model.eval()
         put(model, f"{_META_PREFIX}/metadata_version", torch.tensor(1))
         for k, (_, module, param_name, rec) in enumerate(records):
-            lo, hi = _placeholder_values(k)
+            lo, hi = placeholder_values(k)
             shape = [1] * len(rec.shape) + [2, 1]
             put(module, f"{_META_PREFIX}/{param_name}/lut",
                 torch.tensor([lo, hi], dtype=torch.float32).reshape(shape))
@@ -237,7 +179,7 @@ def _as_tuple(example_inputs) -> tuple:
 
 
 def _input_types(example: tuple):
-    ct = _ct()
+    ct = import_coremltools()
     out = []
     for i, x in enumerate(example):
         if x.dtype.is_floating_point:
@@ -267,7 +209,7 @@ def _no_mha_fastpath():
 
 
 def _convert_stage1(model, example, records, target, precision, trace):
-    ct = _ct()
+    ct = import_coremltools()
     kwargs = dict(
         convert_to="milinternal", minimum_deployment_target=target,
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
@@ -279,113 +221,6 @@ def _convert_stage1(model, example, records, target, precision, trace):
         else:
             traced = torch.export.export(model, example).run_decompositions({})
         return ct.convert(traced, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------- stage 2: exact ops
-
-
-def _walk_ops(block):
-    for op in list(block.operations):
-        yield block, op
-        for inner in op.blocks:
-            yield from _walk_ops(inner)
-
-
-def _np_float(builtin_dtype):
-    from coremltools.converters.mil.mil import types
-
-    return np.float16 if builtin_dtype == types.fp16 else np.float32
-
-
-def _exact_var(name: str, rec: lut_mod.PalettizedTensor, out_np, before_op, ios18: bool):
-    """Build our ops for ``rec`` before ``before_op``; returns the var holding the dense weight."""
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types
-
-    if not ios18:  # per-tensor scalar float LUT
-        values = _float_lut(name, rec).reshape(-1).numpy().astype(out_np)
-        packed = lut_mod.pack_indices(rec.coreml_indices().reshape(-1), rec.n_bits).numpy()
-        return mb.constexpr_lut_to_dense(
-            indices=packed, lut=values, shape=np.array(rec.shape, dtype=np.uint32), before_op=before_op,
-            name=name,
-        )
-    idx_np = types.nptype_from_builtin(types.string_to_builtin(f"uint{rec.n_bits}"))
-    indices = rec.coreml_indices().numpy().astype(idx_np)
-    if rec.lut_dtype in ("i8", "u8"):
-        quant = rec.lut_quant
-        if quant is None:
-            raise ValueError(f"{name}: lut_dtype={rec.lut_dtype!r} but the record holds no integer LUT (lut_quant).")
-        int_np = np.int8 if rec.lut_dtype == "i8" else np.uint8
-        q = rec.coreml_lut(quant.q).numpy().astype(int_np)
-        view = [1] * (len(rec.shape) + 2)
-        view[rec.axis] = rec.n_groups
-        scale = quant.scale.detach().float().numpy().reshape(view).astype(out_np)
-        zero_point = quant.zero_point.detach().numpy()
-        offset = zero_point.reshape(view).astype(int_np) if np.any(zero_point != 0) else None
-        lut_var = mb.constexpr_blockwise_shift_scale(
-            data=q, scale=scale, offset=offset, before_op=before_op, name=f"{name}_lut_dequantize",
-        )
-    else:
-        lut_var = rec.coreml_lut(_float_lut(name, rec)).numpy().astype(out_np)
-    kwargs = dict(indices=indices, lut=lut_var, before_op=before_op)
-    if rec.cluster_dim > 1:
-        kwargs["vector_axis"] = np.int32(rec.axis)
-    if rec.scale is None:
-        return mb.constexpr_lut_to_dense(name=name, **kwargs)
-    dense = mb.constexpr_lut_to_dense(name=f"{name}_unscaled", **kwargs)
-    scale = lut_mod.broadcast_scale(rec.scale.detach().float(), rec.shape, rec.axis).numpy().astype(out_np)
-    return mb.constexpr_blockwise_shift_scale(data=dense, scale=scale, offset=None, before_op=before_op, name=name)
-
-
-def _same_scope(op):
-    """New ops inherit the replaced op's scope info (module names), which the serializer requires."""
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil.scope import ScopeInfo
-
-    return mb.scope(*[ScopeInfo(source=src, data=list(data)) for src, data in op.scopes.items() if data])
-
-
-def _replace_placeholders(prog, records, ios18: bool) -> list[str]:
-    """Swap each placeholder op for the exact ops of its record. Returns the names of weights rounded to fp16."""
-    from coremltools.converters.mil.mil import types
-
-    found: dict[int, int] = {}
-    rounded: list[str] = []
-    for func in prog.functions.values():
-        for block, op in list(_walk_ops(func)):
-            if op.op_type != "constexpr_lut_to_dense" or op.lut.val is None:
-                continue
-            k = _placeholder_id(op.lut.val)
-            if k is None or k >= len(records):
-                continue
-            name, _, _, rec = records[k]
-            out = op.outputs[0]
-            if tuple(out.shape) != tuple(rec.shape):
-                raise RuntimeError(f"{name}: the converted weight has shape {tuple(out.shape)}, expected {rec.shape}.")
-            out_np = _np_float(out.dtype)
-            if out_np is np.float16 and rec.lut_dtype == "f32" and not _fp16_exact(rec.lut):
-                rounded.append(name)
-            with block, _same_scope(op):
-                new_var = _exact_var(name, rec, out_np, op, ios18)
-            block.replace_uses_of_var_after_op(anchor_op=op, old_var=out, new_var=new_var, force_replace=True)
-            block.remove_ops([op])
-            found[k] = found.get(k, 0) + 1
-            if new_var.dtype != out.dtype:
-                raise RuntimeError(f"{name}: dtype mismatch {types.builtin_to_string(new_var.dtype)} vs "
-                                   f"{types.builtin_to_string(out.dtype)}.")
-    params = {}
-    for k, (name, module, param_name, _) in enumerate(records):
-        param = getattr(module, param_name)
-        if k in found:
-            params.setdefault(id(param), k)
-    missing = [records[k][0] for k in range(len(records))
-               if k not in found and id(getattr(records[k][1], records[k][2])) not in params]
-    if missing:
-        raise RuntimeError(
-            f"the converted program does not use the palettized weight(s) {missing} as constants (they may be "
-            "unused by forward, or transformed in a way the converter folded); nothing was exported."
-        )
-    return rounded
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -412,7 +247,7 @@ def export_coreml(
     verbose: show coremltools' progress bars and warnings.
     The model is traced in eval mode and left as it was.
     """
-    ct = _ct()
+    ct = import_coremltools()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     check_choice("convert_to", convert_to, CONVERT_TO)
@@ -441,13 +276,13 @@ def export_coreml(
     target = needed if minimum_deployment_target is None else _target_from(minimum_deployment_target)
     _check_records(records, target)
     for name, _, _, rec in records:
-        _float_lut(name, rec)  # bf16/fp8 exactness, before conversion
+        float_lut(name, rec)  # bf16/fp8 exactness, before conversion
     precision = compute_precision or _auto_precision(records)
     ios18 = target is not None and target.value >= ct.target.iOS18.value
 
-    with _quiet(not verbose):
+    with quiet(not verbose):
         prog = _convert_stage1(model, example, records, target, precision, trace)
-        rounded = _replace_placeholders(prog, records, ios18)
+        rounded = replace_placeholders(prog, records, ios18)
         mlmodel = ct.convert(
             prog, convert_to="mlprogram", minimum_deployment_target=target, pass_pipeline=ct.PassPipeline.EMPTY,
             compute_precision=ct.precision.FLOAT32,
@@ -461,81 +296,3 @@ def export_coreml(
     with atomic_directory(path) as tmp:
         mlmodel.save(str(tmp))
     return path
-
-
-def load_program(path: PathLike):
-    """Read a saved ``.mlpackage`` back into a MIL Program (works without the Core ML runtime)."""
-    ct = _ct()
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-
-    path = Path(path)
-    if not (path / "Manifest.json").is_file():
-        raise ValueError(f"{str(path)!r} is not an .mlpackage (no Manifest.json).")
-    spec = ct.utils.load_spec(str(path))
-    weights = path / "Data" / "com.apple.CoreML" / "weights"
-    with _quiet():
-        return milproto_load(spec, spec.specificationVersion, str(weights))
-
-
-def _value(var) -> np.ndarray:
-    if var.val is not None:
-        return np.asarray(var.val)
-    return np.asarray(var.op.materialized_val_inference())
-
-
-def read_back_lut_weights(path: PathLike) -> list[dict]:
-    """Every ``constexpr_lut_to_dense`` of a saved package, as dicts.
-
-    Keys: ``name`` (the weight's op name, after an optional per-channel scale op), ``lut_op``, ``lut`` (the float
-    LUT the op reads, Core ML layout ``(..., K, D)``), ``lut_storage`` (the stored LUT: int8/uint8 for a quantized
-    LUT), ``lut_scale``/``lut_offset`` (quantized LUT), ``indices`` (unpacked, Core ML layout), ``vector_axis``,
-    ``per_channel_scale``, ``dense`` (the decompressed weight, scale applied), ``opset`` (``'iOS16'``/``'iOS18'``).
-    """
-    from coremltools.converters.mil.mil import types
-
-    prog = load_program(path)
-    out = []
-    for func in prog.functions.values():
-        for _, op in _walk_ops(func):
-            if op.op_type != "constexpr_lut_to_dense":
-                continue
-            entry: dict[str, Any] = {"lut_op": op.name, "lut_scale": None, "lut_offset": None,
-                                     "per_channel_scale": None, "vector_axis": None}
-            lut_var = op.lut
-            if lut_var.val is None and lut_var.op.op_type == "constexpr_blockwise_shift_scale":
-                producer = lut_var.op
-                entry["lut_storage"] = np.asarray(producer.data.val)
-                entry["lut_scale"] = np.asarray(producer.scale.val)
-                entry["lut_offset"] = None if producer.offset is None else np.asarray(producer.offset.val)
-            else:
-                entry["lut_storage"] = np.asarray(lut_var.val)
-            entry["lut"] = _value(lut_var)
-            if "shape" in op.inputs:  # iOS16 op: packed indices + shape
-                shape = tuple(int(s) for s in op.shape.val)
-                n_bits = int(math.log2(entry["lut"].shape[0]))
-                count = int(np.prod(shape))
-                packed = torch.from_numpy(np.asarray(op.indices.val).astype(np.uint8))
-                entry["indices"] = lut_mod.unpack_indices(packed, n_bits, count).numpy().reshape(shape)
-                entry["opset"] = "iOS16"
-            else:
-                entry["indices"] = np.asarray(op.indices.val).astype(np.int64)
-                entry["opset"] = "iOS18"
-                if op.vector_axis is not None:
-                    entry["vector_axis"] = int(op.vector_axis.val)
-            if entry["opset"] == "iOS16":
-                dense = np.asarray(op.materialized_val_inference())
-            else:  # decompress with coremltools' own op semantics (the LUT may come from a dequantize op)
-                dense = np.asarray(op.decompress(np.asarray(op.indices.val), entry["lut"], entry["vector_axis"]))
-            name = op.name
-            children = op.outputs[0].child_ops
-            if len(children) == 1 and children[0].op_type == "constexpr_blockwise_shift_scale":
-                scale_op = children[0]
-                entry["per_channel_scale"] = np.asarray(scale_op.scale.val)
-                offset = None if scale_op.offset is None else scale_op.offset.val
-                dense = np.asarray(scale_op.decompress(dense, np.asarray(scale_op.scale.val), offset))
-                name = scale_op.name
-            entry["name"] = name
-            entry["dense"] = dense
-            entry["dtype"] = types.builtin_to_string(op.outputs[0].dtype)
-            out.append(entry)
-    return out

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dkm_palett import kmeans as km
-from dkm_palett.config.dkm import ModuleDKMPalettizerConfig
+from dkm_palett.config.training import ModuleDKMPalettizerConfig
 from dkm_palett.dkm_math import BinnedDKM, DenseDKM, DKMParams, chunk_rows
 from dkm_palett.lut import (
     PalettizedTensor,
