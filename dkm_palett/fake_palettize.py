@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dkm_palett import kmeans as km
+from dkm_palett import recompute
 from dkm_palett.config.training import ModuleDKMPalettizerConfig
 from dkm_palett.dkm_math import BinnedDKM, DenseDKM, DKMParams, chunk_rows
 from dkm_palett.lut import (
@@ -50,6 +51,10 @@ class FakePalettize(nn.Module):
     exactly what :meth:`to_palettized` (and so ``finalize``) produces. Disabled (before the milestone) it is the
     identity. State lives in persistent buffers so checkpoints carry it.
     """
+
+    #: Recompute the palettized weight in backward instead of letting the module's matmul keep it (4 bytes a
+    #: weight until the layer's backward); False keeps it and saves one DKM forward per layer and step.
+    recompute = True
 
     def __init__(self, spec: PalettizationSpec, config: ModuleDKMPalettizerConfig, shape: tuple[int, ...],
                  name: str = "weight"):
@@ -205,14 +210,28 @@ class FakePalettize(nn.Module):
         # palett_max_mem: half of the budget for the chunk working set, half for the attention cache
         budget = self._budget(x.device) / 2
         rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget, x.shape[0])
-        if self.use_binned(weight):
-            out, c = BinnedDKM.apply(x, c0, p, self.config.dkm_bins, self._exact_dtype(weight), rows)
-        else:
-            out, c = DenseDKM.apply(x, c0, p, rows, budget)
+        binned = self.use_binned(weight) and (self._exact_dtype(weight),)
+        out, c = self._dkm(x, c0, p, rows, budget, binned)
         with torch.no_grad():
             self.centroids.copy_(c)
             self.steps += 1
             self.last_error.fill_(_rms_difference(out, x))
+        result = self._finish_output(out, scale, weight.dtype)
+        if self.recompute and torch.is_grad_enabled() and result.requires_grad:
+            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, binned))
+        return result
+
+    def _dkm(self, x, c0, p: DKMParams, rows: int, budget: float, binned):
+        """One DKM forward; ``binned`` is False (dense) or ``(exact_dtype,)`` for the binned engine."""
+        if binned:
+            return BinnedDKM.apply(x, c0, p, self.config.dkm_bins, binned[0], rows)
+        return DenseDKM.apply(x, c0, p, rows, budget)
+
+    def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, binned) -> torch.Tensor:
+        """The training output of :meth:`_palettize` again, from the same weight and centroids (no updates): the
+        saved-tensor hooks of :mod:`dkm_palett.recompute` call it in backward instead of keeping the output."""
+        x, scale = self._prepare_input(weight.detach())
+        out, _ = self._dkm(x, c0, p, rows, 0.0, binned)
         return self._finish_output(out, scale, weight.dtype)
 
     # ------------------------------------------------------------------------------------ finalize

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dkm_palett import recompute
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.lut import attach, palettized_tensors
@@ -99,6 +100,7 @@ class DKMPalettizer:
                 spec = cfg.to_spec(module, weight, full)
                 fp = FakePalettize(spec, cfg, tuple(weight.shape), name=full).to(weight.device)
                 parametrize.register_parametrization(module, param_name, fp, unsafe=True)
+                recompute.install(module)
             if cfg.quantize_activations and not hasattr(module, "activation_fake_quant"):
                 self._add_activation_quant(module, cfg)
         self.model = model
@@ -147,6 +149,9 @@ class DKMPalettizer:
             self._final_stats[full] = stats
             parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
             attach(module, param_name, record)
+        for module in model.modules():
+            if not any(True for _ in fake_palettizers(module)):
+                recompute.uninstall(module)
         if model is self.model or inplace:
             self.model = model
         return model

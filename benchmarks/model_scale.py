@@ -1,0 +1,210 @@
+"""DKM at model scale: whole-model training steps, plain vs dkm_palett vs coremltools' DKMPalettizer.
+
+Models (``benchmarks/scale_models.py``): Llama-shaped decoders (125M, 350M, 1.1B = TinyLlama's shape; 7M for
+coremltools) at 1x128 and 1x512 tokens, and ResNet-18/50-shaped CNNs (32x32 inputs, batch 32). fp32 weights, SGD
+(lr 1e-3, no momentum), every supported layer at default settings (every Linear, Conv2d and the embedding above
+``weight_threshold``), n_bits 2/4/8.
+
+Each cell runs in its own fresh process: ``plain`` (one warm-up step, then the median of ``--steps`` steps) or a
+DKM implementation (the first step, which includes k-means initialisation, then the median of ``--steps`` later
+steps). Peak memory is the process's peak RSS (``ru_maxrss``), model construction included, so plain and DKM
+cells compare directly. ``--end`` adds ``finalize()`` + ``save_compressed()`` after the DKM steps (their own peak
+RSS and time); ``--coreml`` adds ``export_coreml``. coremltools cells run under an address-space cap
+(``--ct-cap-gib``) and a timeout; hitting either is recorded as the result.
+
+Usage::
+
+    python benchmarks/model_scale.py --models 125m --bits 4 --tokens 128 --impls plain ours   # run cells
+    python benchmarks/model_scale.py --report     # rewrite results/model_scale.md and model_scale.png
+
+Results accumulate in ``benchmarks/results/model_scale.json`` (one entry per cell, the latest run wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results", "model_scale.json")
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _palettizer(impl: str, model, bits: int):
+    if impl == "ours":
+        from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
+    else:
+        from coremltools.optimize.torch.palettization import (
+            DKMPalettizer,
+            DKMPalettizerConfig,
+            ModuleDKMPalettizerConfig,
+        )
+    cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=bits))
+    pal = DKMPalettizer(model, cfg)
+    return pal, pal.prepare(inplace=True)
+
+
+def _end_of_pipeline(pal, model, inputs, out: dict, coreml: bool) -> None:
+    from dkm_palett import save_compressed
+
+    before = peak_rss_mib()
+    t0 = time.perf_counter()
+    pal.finalize(inplace=True)
+    out["finalize_s"] = time.perf_counter() - t0
+    out["finalize_peak_mib"] = peak_rss_mib()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        save_compressed(model, os.path.join(tmp, "model.safetensors"))
+        out["save_s"] = time.perf_counter() - t0
+        out["save_peak_mib"] = peak_rss_mib()
+        out["end_raised_peak_mib"] = peak_rss_mib() - before
+        if coreml:
+            from dkm_palett import export_coreml
+
+            t0 = time.perf_counter()
+            export_coreml(model.eval(), (inputs,), os.path.join(tmp, "model.mlpackage"))
+            out["coreml_s"] = time.perf_counter() - t0
+            out["coreml_peak_mib"] = peak_rss_mib()
+
+
+def worker(spec: dict) -> dict:
+    import logging
+    import statistics
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    sys.path.insert(0, HERE)
+    import torch
+
+    from scale_models import build, loss_of
+
+    if spec["impl"] == "coremltools":
+        import resource
+
+        cap = int(spec["cap_gib"] * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    torch.manual_seed(0)
+    model, inputs, targets = build(spec["model"], spec["tokens"])
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    out: dict = {"params": params, "threads": torch.get_num_threads(), "build_peak_mib": peak_rss_mib()}
+    pal = None
+    if spec["impl"] != "plain":
+        pal, model = _palettizer(spec["impl"], model, spec["bits"])
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    times = []
+    for i in range(1 + spec["steps"]):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model, inputs, targets)
+        loss.backward()
+        opt.step()
+        if pal is not None:
+            pal.step()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            out["first_peak_mib"] = peak_rss_mib()
+        print(f"step {i}: {times[-1]:.2f} s, peak {peak_rss_mib():.0f} MiB", file=sys.stderr, flush=True)
+    out.update(first_s=times[0], step_s=statistics.median(times[1:]), steps_s=times[1:],
+               peak_mib=peak_rss_mib(), loss=float(loss))
+    opt.zero_grad(set_to_none=True)
+    if spec["impl"] == "ours" and (spec.get("end") or spec.get("coreml")):
+        _end_of_pipeline(pal, model, inputs, out, spec.get("coreml", False))
+    return out
+
+
+def cell_key(spec: dict) -> str:
+    bits = "" if spec["impl"] == "plain" else f"/{spec['bits']}bit"
+    return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}"
+
+
+def run_cell(spec: dict, timeout: float) -> dict:
+    t0 = time.perf_counter()
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        res = {"error": f"timeout >{timeout:.0f} s"}
+    else:
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            res = json.loads(lines[-1][7:])
+        else:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            oom = "MemoryError" in proc.stderr or "out of memory" in proc.stderr or proc.returncode == -9
+            res = {"error": ("OOM: " if oom else "") + f"rc={proc.returncode}: {tail[:160]}"}
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"{cell_key(spec)} -> {res}", file=sys.stderr, flush=True)
+    return {**spec, **res}
+
+
+def load_results() -> dict:
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as handle:
+            return json.load(handle)
+    return {}
+
+
+def save_results(results: dict) -> None:
+    sys.path.insert(0, ROOT)
+    from dkm_palett.io import atomic_write_text
+
+    atomic_write_text(RESULTS, json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", default=["125m", "350m", "1.1b", "resnet18", "resnet50"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[4])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[128])
+    ap.add_argument("--impls", nargs="+", default=["plain", "ours"], choices=["plain", "ours", "coremltools"])
+    ap.add_argument("--steps", type=int, default=3, help="later steps whose median is reported (>= 3)")
+    ap.add_argument("--end", action="store_true", help="also finalize() + save_compressed() (ours)")
+    ap.add_argument("--coreml", action="store_true", help="also export_coreml (ours)")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--ct-timeout", type=float, default=1200.0)
+    ap.add_argument("--ct-cap-gib", type=float, default=10.0)
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from the saved results")
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if not args.report:
+        if args.steps < 3:
+            raise ValueError(f"--steps must be >= 3 (the median of at least 3 later steps), got {args.steps}.")
+        specs = {}
+        for model in args.models:
+            for tokens in args.tokens if model not in ("resnet18", "resnet50") else [32]:
+                for bits in args.bits:
+                    for impl in args.impls:
+                        spec = dict(model=model, tokens=tokens, bits=bits, impl=impl, steps=args.steps,
+                                    end=args.end, coreml=args.coreml, cap_gib=args.ct_cap_gib)
+                        specs.setdefault(cell_key(spec), spec)
+        for key, spec in specs.items():
+            res = run_cell(spec, args.ct_timeout if spec["impl"] == "coremltools" else args.timeout)
+            results = load_results()
+            results[key] = res
+            save_results(results)
+    from model_scale_report import write_report
+
+    write_report(load_results())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    main()

@@ -1,0 +1,155 @@
+"""The report of ``benchmarks/model_scale.py``: ``results/model_scale.md`` and ``model_scale.png``."""
+
+from __future__ import annotations
+
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MD = os.path.join(HERE, "results", "model_scale.md")
+PNG = os.path.join(HERE, "model_scale.png")
+ORDER = ["7m", "20m", "125m", "350m", "1.1b", "resnet18", "resnet50"]
+
+
+def _s(v) -> str:
+    return "—" if v is None else (f"{v:.2f} s" if v >= 0.1 else f"{v * 1000:.0f} ms")
+
+
+def _gib(mib) -> str:
+    return "—" if mib is None else f"{mib / 1024:.2f} GiB"
+
+
+def _ratio(a, b) -> str:
+    return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}x"
+
+
+def _ok(r):
+    return r is not None and "error" not in r
+
+
+def _cells(results: dict):
+    """Yield ``(model, tokens, bits, plain, ours, coremltools)`` rows in a stable order."""
+    keys = sorted({(r["model"], r["tokens"], r["bits"]) for r in results.values() if r["impl"] != "plain"},
+                  key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1], k[2]))
+    for model, tokens, bits in keys:
+        yield (model, tokens, bits, results.get(f"{model}/{tokens}/plain"),
+               results.get(f"{model}/{tokens}/ours/{bits}bit"), results.get(f"{model}/{tokens}/coremltools/{bits}bit"))
+
+
+def _main_table(results: dict) -> list[str]:
+    lines = ["| model | params | input | bits | plain step | DKM first step | init (first - plain) | DKM step | "
+             "DKM/plain step | plain peak RSS | DKM peak RSS | DKM/plain peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, tokens, bits, plain, ours, _ in _cells(results):
+        if ours is None:
+            continue
+        ref = plain or {}
+        size = _params(ours, plain)
+        inp = f"32x3x32x32" if model.startswith("resnet") else f"1x{tokens}"
+        if not _ok(ours):
+            lines.append(f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {ours['error']} "
+                         f"| — | — | — | {_gib(ref.get('peak_mib'))} | — | — |")
+            continue
+        init = None if not _ok(plain) else ours["first_s"] - plain["step_s"]
+        lines.append(
+            f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {_s(ours['first_s'])} | {_s(init)} "
+            f"| {_s(ours['step_s'])} | {_ratio(ours['step_s'], ref.get('step_s'))} | {_gib(ref.get('peak_mib'))} "
+            f"| {_gib(ours['peak_mib'])} | {_ratio(ours['peak_mib'], ref.get('peak_mib'))} |")
+    return lines
+
+
+def _params(*rows) -> str:
+    for r in rows:
+        if r and r.get("params"):
+            return f"{r['params'] / 1e6:.1f}M"
+    return "—"
+
+
+def _ct_table(results: dict) -> list[str]:
+    lines = ["| model | bits | plain step | ours step | coremltools step | ct/ours step | ours extra peak | "
+             "ct extra peak | ct/ours extra memory | ct first step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    found = False
+    for model, tokens, bits, plain, ours, ct in _cells(results):
+        if ct is None:
+            continue
+        found = True
+        if not _ok(ct):
+            lines.append(f"| {model} ({_params(plain, ours)}, 1x{tokens}) | {bits} | {_s((plain or {}).get('step_s'))} "
+                         f"| {_s((ours or {}).get('step_s'))} | {ct['error']} | — | — | — | — | — |")
+            continue
+        base = (plain or {}).get("peak_mib")
+        extra_ours = None if not (_ok(ours) and base) else ours["peak_mib"] - base
+        extra_ct = None if not base else ct["peak_mib"] - base
+        lines.append(
+            f"| {model} ({_params(plain, ours)}, 1x{tokens}) | {bits} | {_s((plain or {}).get('step_s'))} "
+            f"| {_s((ours or {}).get('step_s'))} | {_s(ct['step_s'])} | {_ratio(ct['step_s'], (ours or {}).get('step_s'))} "
+            f"| {_gib(extra_ours)} | {_gib(extra_ct)} | {_ratio(extra_ct, extra_ours)} | {_s(ct['first_s'])} |")
+    return lines if found else []
+
+
+def _end_table(results: dict) -> list[str]:
+    lines = ["| model | bits | DKM training peak RSS | finalize() | save_compressed() | peak RSS after both | "
+             "export_coreml |", "|---|---|---|---|---|---|---|"]
+    found = False
+    for model, tokens, bits, _, ours, _ in _cells(results):
+        if not _ok(ours) or "finalize_s" not in ours:
+            continue
+        found = True
+        coreml = _s(ours.get("coreml_s")) if "coreml_s" in ours else "not run"
+        lines.append(f"| {model} (1x{tokens}) | {bits} | {_gib(ours['peak_mib'])} | {_s(ours['finalize_s'])} "
+                     f"| {_s(ours['save_s'])} | {_gib(ours['save_peak_mib'])} | {coreml} |")
+    return lines if found else []
+
+
+def plot(results: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series = {"plain": {}, "ours": {}, "coremltools": {}}
+    for r in results.values():
+        if _ok(r) and not r["model"].startswith("resnet") and r["tokens"] == 128 and r.get("bits", 4) == 4:
+            series[r["impl"]][r["params"]] = r["peak_mib"] / 1024
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("plain", "o-"), ("ours", "s-"), ("coremltools", "^-")):
+        pts = sorted(series[name].items())
+        if pts:
+            ax.loglog([p for p, _ in pts], [m for _, m in pts], style, label=name if name == "plain" else f"{name} DKM 4-bit")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_title("Peak memory of a training step (decoder, 1x128 tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(PNG, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict) -> str:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from dkm_palett.io import atomic_write_text
+
+    doc = ["Every cell is its own process (`python benchmarks/model_scale.py`); fp32 weights, SGD, default "
+           "`DKMPalettizer` settings with `n_bits` as given (every Linear, Conv2d and the embedding above "
+           "`weight_threshold=2048`). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
+           "step* includes k-means initialisation; *peak RSS* is the process's `ru_maxrss` (model construction "
+           "included). The machine (2 cores, 24 GiB) was shared with other developers' jobs while this ran: "
+           "timings are noisy, memory is not.", "", *_main_table(results), ""]
+    if plot(results):
+        doc += ["![peak memory vs parameters](../model_scale.png)", ""]
+    ct = _ct_table(results)
+    if ct:
+        doc += ["coremltools' `DKMPalettizer` (same config, its own process, capped address space and a timeout; "
+                "*extra* = peak RSS minus the plain step's peak):", "", *ct, ""]
+    end = _end_table(results)
+    if end:
+        doc += ["End of the pipeline, in the DKM cell's process after its steps (gradients freed first):", "", *end, ""]
+    text = "\n".join(doc)
+    atomic_write_text(MD, text + "\n")
+    print(text)
+    return text
