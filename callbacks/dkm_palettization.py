@@ -39,15 +39,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
-from dkm_palett.lut import palettized_tensors, records_of
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
 from dkm_palett.validation import check_choice, check_keys, check_type
 
 EXPORTS = ("coreml", "safetensors")
-COREML_OPTIONS = ("minimum_deployment_target", "convert_to", "trace", "compute_precision", "verbose")
+COREML_OPTIONS = ("minimum_deployment_target", "trace", "compute_precision", "verbose")
 STATE_VERSION = 1
 STATE_KEY = "DKMPalettizationCallback"
 
@@ -69,7 +69,7 @@ class DKMPalettizationCallback(Callback):
         example_inputs: tracing inputs for Core ML; default: the exported module's (else the LightningModule's)
             ``example_input_array``.
         coreml_options: extra arguments of :func:`dkm_palett.export.export_coreml` (``minimum_deployment_target``,
-            ``convert_to``, ``trace``, ``compute_precision``, ``verbose``).
+            ``trace``, ``compute_precision``, ``verbose``).
         file_stem: file name stem of the exports (``model`` -> ``model.mlpackage``, ``model.safetensors``).
         log_layer_errors: log the per-layer clustering error every training batch.
     """
@@ -131,10 +131,12 @@ class DKMPalettizationCallback(Callback):
         return self.palettizer.step_count
 
     @property
+    @override
     def state_key(self) -> str:
         return STATE_KEY
 
     # ------------------------------------------------------------------------------------ fit start
+    @override
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
@@ -145,8 +147,7 @@ class DKMPalettizationCallback(Callback):
             self.palettizer.step_count = self._pending_step_count
             self._pending_step_count = None
         if not _is_prepared(pl_module):
-            for _, module, param_name, _ in list(palettized_tensors(pl_module)):
-                records_of(module).pop(param_name, None)  # stale records of an earlier finalize
+            self.palettizer.forget_records()  # stale records of an earlier finalize
         self.palettizer.prepare(inplace=True)  # idempotent: prepared weights are left alone
         if not _is_prepared(pl_module):
             rank_zero_warn("DKMPalettizationCallback: the config selects no weight of this module; nothing will be "
@@ -177,10 +178,12 @@ class DKMPalettizationCallback(Callback):
             raise ValueError("exports includes 'coreml' but there is no example input: set the LightningModule's "
                                  "example_input_array or pass example_inputs= to DKMPalettizationCallback.")
 
+    @override
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._last_global_step = trainer.global_step  # after checkpoint restore
 
     # ------------------------------------------------------------------------------------ per batch
+    @override
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.palettizer is None:
@@ -204,6 +207,7 @@ class DKMPalettizationCallback(Callback):
         pl_module.log("dkm/step", float(self.palettizer.step_count), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------ fit end
+    @override
     def on_fit_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         if self.palettizer is None or self.finalized:
             return
@@ -252,6 +256,7 @@ class DKMPalettizationCallback(Callback):
         return paths
 
     # ------------------------------------------------------------------------------------ interruption
+    @override
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         """Leave the prepared module and the DKM state untouched (no finalize): it can be checkpointed and resumed."""
         if self.palettizer is not None and not self.finalized:
@@ -260,10 +265,12 @@ class DKMPalettizationCallback(Callback):
                            "checkpointed and resumed with trainer.fit(..., ckpt_path=...).")
 
     # ------------------------------------------------------------------------------------ checkpoint state
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "step_count": int(self.step_count), "finalized": bool(self.finalized),
                 "config": self.config.as_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_keys("DKMPalettizationCallback state", state_dict, ("version", "step_count", "finalized", "config"))
         if state_dict.get("config") is not None and state_dict["config"] != self.config.as_dict():

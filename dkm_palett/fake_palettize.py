@@ -139,27 +139,29 @@ class FakePalettize(nn.Module):
         k = self.n_clusters - (1 if cfg.add_extra_centroid else 0)
         gen = torch.Generator().manual_seed(self._seed)
         out = torch.zeros(groups, self.n_clusters, dim)
+        method = self._init_method(dim)
         for g in range(groups):
             points, weights = _compress_points(x[g].float().cpu(), gen)
-            method = cfg.kmeans_init
-            if method in ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans"):
-                use_opt1d = dim == 1 and self.shape[self.axis] >= cfg.kmeans_opt1d_threshold
-                method = "opt1d" if use_opt1d else "kmeans++"
-            elif method == "opt1d" and dim > 1:
-                method = "kmeans++"
-            if method == "uniform":
-                if dim > 1:
-                    raise ValueError(f"{self.name}: kmeans_init='uniform' needs cluster_dim=1.")
-                cents = km.uniform_centroids(points[:, 0], k).reshape(k, 1)
-            else:
-                cents = km.kmeans(points, k, weights, method=method, generator=gen)
-            out[g, :k] = cents.reshape(k, dim)
+            out[g, :k] = km.kmeans(points, k, weights, method=method, generator=gen).reshape(k, dim)
         if cfg.enforce_zero and not cfg.add_extra_centroid:
             idx = out.norm(dim=-1).argmin(dim=1)
             self.zero_index.fill_(int(idx[0]))
             out[torch.arange(groups), idx] = 0
         self.centroids.copy_(out.to(self.centroids.device))
         self.initialized.fill_(True)
+
+    def _init_method(self, dim: int) -> str:
+        """The :func:`dkm_palett.kmeans.kmeans` method for ``kmeans_init`` (coremltools' names for k-means++
+        use exact 1-D k-means for scalar LUTs on weights with at least ``kmeans_opt1d_threshold`` channels)."""
+        method = self.config.kmeans_init
+        if method in ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans"):
+            use_opt1d = dim == 1 and self.shape[self.axis] >= self.config.kmeans_opt1d_threshold
+            return "opt1d" if use_opt1d else "kmeans++"
+        if method == "opt1d" and dim > 1:
+            return "kmeans++"
+        if method == "uniform" and dim > 1:
+            raise ValueError(f"{self.name}: kmeans_init='uniform' needs cluster_dim=1.")
+        return method
 
     @torch.no_grad()
     def split_duplicates(self, x: torch.Tensor) -> int:

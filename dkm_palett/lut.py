@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dkm_palett.kmeans import nearest_centroid
 from dkm_palett.spec import PalettizationSpec
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -151,24 +152,11 @@ def unpack_indices(packed: torch.Tensor, n_bits: int, count: int) -> torch.Tenso
 
 
 def nearest_entry(vectors: torch.Tensor, lut: torch.Tensor, max_chunk_elems: int = 2 ** 24) -> torch.Tensor:
-    """Hard assignment: index of the nearest LUT entry for each vector, per group. ``(G,M,D), (G,K,D) -> (G,M)``."""
-    groups, count, dim = vectors.shape
-    out = torch.empty(groups, count, dtype=torch.int64, device=vectors.device)
-    if dim == 1:
-        for g in range(groups):
-            centers, order = torch.sort(lut[g, :, 0])
-            mids = (centers[1:] + centers[:-1]) / 2
-            pos = torch.bucketize(vectors[g, :, 0].contiguous(), mids.contiguous(), right=False)
-            out[g] = order[pos]
-        return out
-    chunk = max(1, max_chunk_elems // max(1, lut.shape[1]))
-    for g in range(groups):
-        c = lut[g]
-        c_sq = (c * c).sum(-1)
-        for start in range(0, count, chunk):
-            v = vectors[g, start:start + chunk]
-            dist = c_sq[None, :] - 2 * v @ c.T
-            out[g, start:start + chunk] = dist.argmin(dim=1)
+    """Hard assignment: index of the nearest LUT entry for each vector, per group. ``(G,M,D), (G,K,D) -> (G,M)``.
+    Per group :func:`dkm_palett.kmeans.nearest_centroid` (exact float64 distances, ties to the lower index)."""
+    out = torch.empty(vectors.shape[:2], dtype=torch.int64, device=vectors.device)
+    for g in range(vectors.shape[0]):
+        out[g] = nearest_centroid(vectors[g], lut[g], max_chunk_elems=max_chunk_elems)
     return out
 
 

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from dkm_palett import recompute
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.fake_palettize import FakePalettize
-from dkm_palett.lut import attach, palettized_tensors
+from dkm_palett.lut import attach, palettized_tensors, records_of
 from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
 from dkm_palett.report import Report, record_stats
 
@@ -155,6 +155,14 @@ class DKMPalettizer:
         if model is self.model or inplace:
             self.model = model
         return model
+
+    def forget_records(self) -> int:
+        """Drop the finalized records (LUT, indices) of ``self.model``, e.g. before preparing a finalized model
+        again; its weights stay as they are. Returns how many were dropped."""
+        records = list(palettized_tensors(self.model))
+        for _, module, param_name, _ in records:
+            records_of(module).pop(param_name, None)
+        return len(records)
 
     # ------------------------------------------------------------------------------------ report
     def report(self) -> Report:

@@ -8,6 +8,7 @@ from torch import nn
 
 from dkm_palett import DKMPalettizer, DKMPalettizerConfig, FakePalettize, ModuleDKMPalettizerConfig
 from dkm_palett.dkm_math import BinnedDKM, DenseDKM, DKMParams, dkm_reference
+from dkm_palett.lut import palettized_tensors
 from dkm_palett.palettizer import fake_palettizers
 
 
@@ -162,6 +163,9 @@ def test_quick_start_flow_finalize_keeps_eval_output():
     assert row["n_clusters"] == 4 and row["cluster_dim"] == 1 and row["n_params"] == 32 * 64
     assert row["lut_dtype"] == "f32" and row["rms_error"] > 0
     assert "0.weight" in str(report)
+    weights = final[0].weight.detach().clone()
+    assert pal.forget_records() == 2 and not list(palettized_tensors(final))
+    assert torch.equal(final[0].weight, weights)  # the weights stay LUT[indices]
 
 
 def test_default_n_bits_4_for_linear_2_otherwise():

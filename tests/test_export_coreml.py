@@ -183,8 +183,6 @@ def test_missing_example_inputs_and_bad_arguments(tmp_path):
         cm.export_coreml(model, x, path=tmp_path / "m.mlmodel")
     with pytest.raises(ValueError, match="trace"):
         cm.export_coreml(model, x, path=tmp_path / "m.mlpackage", trace="fx")
-    with pytest.raises(ValueError, match="convert_to"):
-        cm.export_coreml(model, x, path=tmp_path / "m.mlpackage", convert_to="neuralnetwork")
     with pytest.raises(ValueError, match="minimum_deployment_target"):
         cm.export_coreml(model, x, path=tmp_path / "m.mlpackage", minimum_deployment_target="iOS99")
     with pytest.raises(TypeError, match="example_inputs"):

@@ -393,7 +393,10 @@ def test_dispatcher():
     a = km.kmeans(x2, 4, generator=torch.Generator().manual_seed(9))
     b = km.kmeans(x2, 4, method="kmeans++", generator=torch.Generator().manual_seed(9))
     assert a.shape == (4, 2) and torch.equal(a, b)
-    assert km.kmeans(x1, 4, method="kmeans++", generator=g, opt1d_threshold=10).shape == (4, 1)
+    assert km.kmeans(x1, 4, method="kmeans++", generator=g).shape == (4, 1)
+    assert torch.equal(km.kmeans(x1, 4, torch.zeros(x1.shape[0])), out)  # all-zero weights count as uniform
+    few = torch.tensor([[2.0, 3.0], [0.0, 1.0], [2.0, 3.0]])  # fewer distinct rows than k: those rows, repeated
+    assert km.kmeans(few, 4).tolist() == [[0.0, 1.0], [2.0, 3.0], [0.0, 1.0], [2.0, 3.0]]
 
 
 def test_dispatcher_errors():

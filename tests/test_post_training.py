@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from dkm_palett import kmeans as km
 from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
 from dkm_palett.kmeans import kmeans_1d_exact, kmeans_plus_plus
 from dkm_palett.lut import palettized_tensors, records_of
-from dkm_palett.post_training import cluster_weight, kmeans_1d, palettize_weights
+from dkm_palett.post_training import cluster_weight, palettize_weights
 from dkm_palett.spec import PalettizationSpec
 
 
@@ -74,8 +75,8 @@ def test_scalar_kmeans_is_exact_at_every_size():
     torch.manual_seed(0)
     x = torch.randn(3000) * 0.05
     exact = kmeans_1d_exact(x, 16)
-    assert torch.equal(kmeans_1d(x.reshape(30, 100), 16), exact)
-    assert torch.equal(kmeans_1d(x, 16, torch.zeros(3000)), exact)  # all-zero weights count as uniform
+    assert torch.equal(km.kmeans(x[:, None], 16)[:, 0], exact)
+    assert torch.equal(km.kmeans(x[:, None], 16, torch.zeros(3000))[:, 0], exact)  # all-zero weights count as uniform
     # the LUT in a palettized weight reaches the optimal SSE
     record, _ = cluster_weight(x.reshape(30, 100), PalettizationSpec(n_bits=4))
     dense = record.to_dense().reshape(-1)
@@ -83,13 +84,13 @@ def test_scalar_kmeans_is_exact_at_every_size():
     # 2^20 distinct values x 256 clusters (far past the old exact-DP budget): still the exact solver, whose
     # optimum is a Lloyd fixed point and beats a k-means++ run on the same data
     big = torch.randn(1 << 20) * 0.05
-    c = kmeans_1d(big, 256)
+    c = km.kmeans(big[:, None], 256)[:, 0]
     idx = torch.bucketize(big, (c[1:] + c[:-1]) / 2)
     means = torch.zeros(256, dtype=torch.float64).index_add_(0, idx, big.double()) / torch.bincount(idx, minlength=256)
     torch.testing.assert_close(c.double(), means, rtol=0, atol=1e-7)
     sub = big[:5000]
     pp = kmeans_plus_plus(sub[:, None], 32, generator=torch.Generator().manual_seed(0))[:, 0]
-    assert _sse(sub, kmeans_1d(sub, 32)) <= _sse(sub, pp)
+    assert _sse(sub, km.kmeans(sub[:, None], 32)[:, 0]) <= _sse(sub, pp)
 
 
 @pytest.mark.parametrize("n_bits", [2, 4, 8])

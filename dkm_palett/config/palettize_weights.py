@@ -201,10 +201,6 @@ class OptimizationConfig:
                     return cfg
         return self.global_config
 
-    def named_keys_matching(self, names: list[str]) -> dict[str, bool]:
-        """For each ``op_name_configs`` key, whether it matches one of ``names``."""
-        return {key: any(name_matches(key, n) for n in names) for key in self.op_name_configs}
-
     # dict / yaml
     def as_dict(self) -> dict:
         def entry(v):

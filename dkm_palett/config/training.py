@@ -68,12 +68,22 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     dkm_bins: int = 16384
 
     def __post_init__(self):
+        self._check_schedule()
+        self._check_activation_quant()
+        self._check_lut_dtype()
+        self._check_layout()
+        self._check_dkm()
+        self._check_combinations()
+
+    def _check_schedule(self) -> None:
         if self.n_bits is not None:
             check_choice("n_bits", self.n_bits, ALLOWED_N_BITS)
         check_int("weight_threshold", self.weight_threshold, minimum=0)
         check_int("milestone", self.milestone, minimum=0)
         if self.cluster_dim is not None:
             check_int("cluster_dim", self.cluster_dim, minimum=1)
+
+    def _check_activation_quant(self) -> None:
         check_int("quant_min", self.quant_min)
         check_int("quant_max", self.quant_max)
         if self.dtype not in _ACT_DTYPES:
@@ -84,6 +94,10 @@ class ModuleDKMPalettizerConfig(ConfigIO):
         if not lo <= self.quant_min < self.quant_max <= hi:
             raise ValueError(f"quant_min={self.quant_min}, quant_max={self.quant_max} must satisfy "
                              f"{lo} <= quant_min < quant_max <= {hi} for dtype={self.dtype}.")
+        check_type("quantize_activations", self.quantize_activations, bool)
+
+    def _check_lut_dtype(self) -> None:
+        """``lut_dtype`` is the modern spelling of ``cluster_dtype``: both end up holding the canonical name."""
         self.cluster_dtype = canonical_lut_dtype(self.cluster_dtype, "cluster_dtype")
         if self.lut_dtype is not None:
             self.lut_dtype = canonical_lut_dtype(self.lut_dtype, "lut_dtype")
@@ -92,7 +106,8 @@ class ModuleDKMPalettizerConfig(ConfigIO):
                                  "lut_dtype is the modern spelling of cluster_dtype, set only one.")
             self.cluster_dtype = self.lut_dtype
         self.lut_dtype = self.cluster_dtype
-        check_type("quantize_activations", self.quantize_activations, bool)
+
+    def _check_layout(self) -> None:
         check_int("partition_size", self.partition_size, minimum=1)
         if self.cluster_permute is not None:
             if not isinstance(self.cluster_permute, (tuple, list)) or not all(
@@ -101,6 +116,15 @@ class ModuleDKMPalettizerConfig(ConfigIO):
                 raise ValueError(f"cluster_permute={self.cluster_permute!r} must be a permutation of the weight's "
                                  "dimensions, e.g. (1, 0) for a Linear or (1, 0, 2, 3) for a Conv2d.")
             self.cluster_permute = tuple(self.cluster_permute)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.group_size is not None:
+            check_int("group_size", self.group_size, minimum=1)
+        if self.granularity == "per_tensor" and self.group_size is not None:
+            raise ValueError("group_size is only used with granularity='per_grouped_channel'; "
+                             "set granularity='per_grouped_channel' or drop group_size.")
+        check_type("enable_per_channel_scale", self.enable_per_channel_scale, bool)
+
+    def _check_dkm(self) -> None:
         check_number("palett_max_mem", self.palett_max_mem, minimum=0.0, maximum=1.0, strict_min=True)
         check_int("kmeans_max_iter", self.kmeans_max_iter, minimum=1)
         check_number("prune_threshold", self.prune_threshold, minimum=0.0)
@@ -113,15 +137,10 @@ class ModuleDKMPalettizerConfig(ConfigIO):
         check_number("palett_lambda", self.palett_lambda, minimum=0.0)
         check_type("add_extra_centroid", self.add_extra_centroid, bool)
         check_number("palett_cluster_tol", self.palett_cluster_tol, minimum=0.0, maximum=1.0)
-        check_choice("granularity", self.granularity, GRANULARITIES)
-        if self.group_size is not None:
-            check_int("group_size", self.group_size, minimum=1)
-        if self.granularity == "per_tensor" and self.group_size is not None:
-            raise ValueError("group_size is only used with granularity='per_grouped_channel'; "
-                             "set granularity='per_grouped_channel' or drop group_size.")
-        check_type("enable_per_channel_scale", self.enable_per_channel_scale, bool)
         check_choice("dkm_impl", self.dkm_impl, DKM_IMPLS)
         check_int("dkm_bins", self.dkm_bins, minimum=16)
+
+    def _check_combinations(self) -> None:
         if self.cluster_dim not in (None, 1) and self.dkm_impl == "binned":
             raise ValueError("dkm_impl='binned' needs scalar LUTs (cluster_dim=1); use 'dense' or 'auto' for vectors.")
         if self.add_extra_centroid and self.n_bits == 8:

@@ -94,13 +94,32 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    records = list(lut_mod.palettized_tensors(model))
+    tensors, meta, palettized_params, float_bytes, compressed_bytes = _palettized_part(model)
+    aliases = _plain_part(model, meta, palettized_params, tensors)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "palettized": json.dumps(meta, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return {
+        "palettized_float_bytes": float_bytes,
+        "palettized_compressed_bytes": compressed_bytes,
+        "ratio": compressed_bytes / float_bytes if float_bytes else float("nan"),
+        "file_bytes": Path(path).stat().st_size,
+        "n_palettized": len(meta),
+    }
+
+
+def _palettized_part(model: nn.Module):
+    """The tensors and metadata of every palettized weight, the ids of their parameters, and their byte sizes."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, dict] = {}
-    float_bytes = 0
-    compressed_bytes = 0
     palettized_params: dict[int, str] = {}
-    for name, module, param_name, rec in records:
+    float_bytes = compressed_bytes = 0
+    for name, module, param_name, rec in lut_mod.palettized_tensors(model):
         if rec.lut_dtype not in LUT_DTYPES:
             raise ValueError(f"{name}: lut_dtype={rec.lut_dtype!r} is not one of {', '.join(LUT_DTYPES)}.")
         part = _record_tensors(name, rec)
@@ -109,7 +128,11 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
         float_bytes += rec.numel * torch.empty((), dtype=rec.dtype).element_size()
         compressed_bytes += sum(_tensor_bytes(t) for t in part.values())
         palettized_params[id(getattr(module, param_name))] = name
+    return tensors, meta, palettized_params, float_bytes, compressed_bytes
 
+
+def _plain_part(model: nn.Module, meta: dict, palettized_params: dict, tensors: dict) -> dict[str, str]:
+    """Add every other state_dict entry to ``tensors`` once; returns the aliases of tied (shared) entries."""
     aliases: dict[str, str] = {}
     seen_storage: dict[tuple, str] = {}
     for key, value in model.state_dict(keep_vars=True).items():
@@ -127,23 +150,7 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
         if storage_key is not None:
             seen_storage[storage_key] = key
         tensors[key] = tensor.clone().contiguous()
-
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "palettized": json.dumps(meta, sort_keys=True),
-        "aliases": json.dumps(aliases, sort_keys=True),
-    }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    file_bytes = Path(path).stat().st_size
-    return {
-        "palettized_float_bytes": float_bytes,
-        "palettized_compressed_bytes": compressed_bytes,
-        "ratio": compressed_bytes / float_bytes if float_bytes else float("nan"),
-        "file_bytes": file_bytes,
-        "n_palettized": len(meta),
-    }
+    return aliases
 
 
 # ----------------------------------------------------------------------------------------------- loading

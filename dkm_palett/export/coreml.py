@@ -52,7 +52,6 @@ __all__ = ["export_coreml", "required_target", "load_program", "read_back_lut_we
 PathLike = Union[str, os.PathLike]
 
 TRACE_MODES = ("torchscript", "torch_export")
-CONVERT_TO = ("mlprogram",)
 _META_PREFIX = "_COREML_"
 
 
@@ -231,7 +230,6 @@ def export_coreml(
     example_inputs: Any = None,
     path: PathLike = "model.mlpackage",
     minimum_deployment_target: Any = None,
-    convert_to: str = "mlprogram",
     trace: str = "torchscript",
     compute_precision: Optional[str] = None,
     verbose: bool = False,
@@ -250,27 +248,10 @@ def export_coreml(
     ct = import_coremltools()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    check_choice("convert_to", convert_to, CONVERT_TO)
     check_choice("trace", trace, TRACE_MODES)
-    path = Path(path)
-    if path.suffix != ".mlpackage":
-        raise ValueError(f"path={str(path)!r} must end with '.mlpackage' (an ML program is saved as a package).")
-    if not path.parent.is_dir():
-        raise ValueError(f"path={str(path)!r}: the folder {str(path.parent)!r} does not exist.")
-    if example_inputs is None:
-        example_inputs = getattr(model, "example_input_array", None)
-        if example_inputs is None:
-            raise ValueError(
-                "example_inputs is None and the model has no example_input_array; pass example inputs "
-                "(a tensor or tuple of tensors) for tracing."
-            )
-    example = _as_tuple(example_inputs)
-    if compute_precision is not None and not isinstance(compute_precision, str):
-        compute_precision = "float16" if compute_precision == ct.precision.FLOAT16 else (
-            "float32" if compute_precision == ct.precision.FLOAT32 else compute_precision)
-    if compute_precision is not None:
-        check_choice("compute_precision", compute_precision, ("float32", "float16"))
-
+    path = _checked_path(path)
+    example = _as_tuple(_example_of(model, example_inputs))
+    compute_precision = _precision_name(compute_precision)
     records = list(lut_mod.palettized_tensors(model))
     needed = required_target(model)
     target = needed if minimum_deployment_target is None else _target_from(minimum_deployment_target)
@@ -279,7 +260,6 @@ def export_coreml(
         float_lut(name, rec)  # bf16/fp8 exactness, before conversion
     precision = compute_precision or _auto_precision(records)
     ios18 = target is not None and target.value >= ct.target.iOS18.value
-
     with quiet(not verbose):
         prog = _convert_stage1(model, example, records, target, precision, trace)
         rounded = replace_placeholders(prog, records, ios18)
@@ -289,10 +269,47 @@ def export_coreml(
         )
     if rounded:
         warnings.warn(f"compute_precision='float16' rounds the float32 LUTs of {rounded} to fp16.", stacklevel=2)
+    _save(mlmodel, records, precision, path)
+    return path
+
+
+def _checked_path(path: PathLike) -> Path:
+    path = Path(path)
+    if path.suffix != ".mlpackage":
+        raise ValueError(f"path={str(path)!r} must end with '.mlpackage' (an ML program is saved as a package).")
+    if not path.parent.is_dir():
+        raise ValueError(f"path={str(path)!r}: the folder {str(path.parent)!r} does not exist.")
+    return path
+
+
+def _example_of(model: nn.Module, example_inputs: Any) -> Any:
+    if example_inputs is None:
+        example_inputs = getattr(model, "example_input_array", None)
+        if example_inputs is None:
+            raise ValueError(
+                "example_inputs is None and the model has no example_input_array; pass example inputs "
+                "(a tensor or tuple of tensors) for tracing."
+            )
+    return example_inputs
+
+
+def _precision_name(compute_precision: Any) -> Optional[str]:
+    """``'float32'``/``'float16'``/None from a string or a ``ct.precision`` member."""
+    if compute_precision is None:
+        return None
+    if not isinstance(compute_precision, str):
+        ct = import_coremltools()
+        compute_precision = "float16" if compute_precision == ct.precision.FLOAT16 else (
+            "float32" if compute_precision == ct.precision.FLOAT32 else compute_precision)
+    check_choice("compute_precision", compute_precision, ("float32", "float16"))
+    return compute_precision
+
+
+def _save(mlmodel, records, precision: str, path: Path) -> None:
+    """Record what was palettized in the package's metadata and write it atomically."""
     meta = {name: {"n_bits": r.n_bits, "lut_dtype": r.lut_dtype, "cluster_dim": r.cluster_dim,
                    "n_groups": r.n_groups, "per_channel_scale": r.scale is not None} for name, _, _, r in records}
     mlmodel.user_defined_metadata["dkm_palett.palettized"] = json.dumps(meta, sort_keys=True)
     mlmodel.user_defined_metadata["dkm_palett.compute_precision"] = precision
     with atomic_directory(path) as tmp:
         mlmodel.save(str(tmp))
-    return path

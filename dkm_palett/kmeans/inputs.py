@@ -54,16 +54,16 @@ def merge_duplicates(x: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarray, n
     return xs[starts], np.add.reduceat(w, starts)
 
 
-def pad_centroids(c: np.ndarray, k: int) -> np.ndarray:
-    """Fill up to k centroids by repeating the existing ones cyclically; sorted for 1-D rows."""
+def pad_centroids(c, k: int):
+    """The first k centroids, or all of them repeated cyclically up to k (numpy array or torch tensor);
+    1-D centroids stay sorted."""
     if c.shape[0] >= k:
         return c[:k]
     reps = np.resize(np.arange(c.shape[0]), k)
-    out = c[reps]
+    out = c[reps] if isinstance(c, np.ndarray) else c[torch.from_numpy(reps).to(c.device)]
     if out.ndim == 1:
-        out = np.sort(out)
+        out = np.sort(out) if isinstance(out, np.ndarray) else torch.sort(out).values
     return out
-
 
 
 def as_2d(x: torch.Tensor, name: str = "x") -> torch.Tensor:

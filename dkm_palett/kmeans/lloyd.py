@@ -20,60 +20,63 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, max_chunk_elem
 
     ``x`` is (N, D) (1-D means D = 1), ``centroids`` (K, D). Ties go to the lower centroid index.
     D == 1 uses sort + searchsorted (O(N log K), exact distances ``|x - c|`` in float64); D > 1
-    computes squared distances in float64 chunks of at most ``max_chunk_elems`` entries.
+    computes squared distances in float64 chunks of at most ``max_chunk_elems`` entries. ``x`` is
+    converted to float64 one chunk at a time, so no full-size copy is made. Runs on x's device.
     """
-    x = as_2d(x)
+    x = as_2d(x).detach()
     c = as_2d(centroids, "centroids")
     if x.shape[1] != c.shape[1]:
         raise ValueError(f"x has D={x.shape[1]} but centroids have D={c.shape[1]}")
     if c.shape[0] == 0:
         raise ValueError("need at least one centroid")
-    device = x.device
-    x = x.detach().to(torch.float64)
-    c = c.detach().to(device=device, dtype=torch.float64)
-    n, kc = x.shape[0], c.shape[0]
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
+    c = c.detach().to(device=x.device, dtype=torch.float64)
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     if x.shape[1] == 1:
-        cv = c[:, 0]
-        order = torch.argsort(cv, stable=True)
-        cs = cv[order]
-        # first sorted position of every group of equal centroid values (lowest original index)
-        pos = torch.arange(kc, device=device)
-        new_group = torch.ones(kc, dtype=torch.bool, device=device)
-        new_group[1:] = cs[1:] != cs[:-1]
-        first = torch.cummax(torch.where(new_group, pos, torch.zeros_like(pos)), 0).values
-        out = torch.empty(n, dtype=torch.int64, device=device)
-        step = max(1, int(max_chunk_elems) // 4)
-        for s in range(0, n, step):
-            xv = x[s:s + step, 0]
-            right = torch.searchsorted(cs, xv).clamp_(max=kc - 1)  # first value >= x
-            left = first[(right - 1).clamp_(min=0)]
-            right = first[right]
-            dl = (xv - cs[left]).abs()
-            dr = (xv - cs[right]).abs()
-            il, ir = order[left], order[right]
-            take_left = (dl < dr) | ((dl == dr) & (il < ir))
-            out[s:s + step] = torch.where(take_left, il, ir)
+        _nearest_scalar(x[:, 0], c[:, 0], out, max(1, int(max_chunk_elems) // 4))
         return out
-    out = torch.empty(n, dtype=torch.int64, device=device)
     c_sq = (c * c).sum(1)
-    step = max(1, int(max_chunk_elems) // kc)
-    for s in range(0, n, step):
-        xs = x[s:s + step]
+    step = max(1, int(max_chunk_elems) // c.shape[0])
+    for s in range(0, x.shape[0], step):
+        xs = x[s:s + step].to(torch.float64)
         d = torch.addmm(c_sq.unsqueeze(0), xs, c.t(), alpha=-2.0)  # |c|^2 - 2 x.c  (+|x|^2 const)
         out[s:s + step] = torch.argmin(d, dim=1)
     return out
+
+
+def _nearest_scalar(x: torch.Tensor, cv: torch.Tensor, out: torch.Tensor, step: int) -> None:
+    """1-D case of :func:`nearest_centroid`: sorted centroids + searchsorted, ties to the lower index."""
+    kc = cv.shape[0]
+    order = torch.argsort(cv, stable=True)
+    cs = cv[order]
+    # first sorted position of every group of equal centroid values (lowest original index)
+    pos = torch.arange(kc, device=cv.device)
+    new_group = torch.ones(kc, dtype=torch.bool, device=cv.device)
+    new_group[1:] = cs[1:] != cs[:-1]
+    first = torch.cummax(torch.where(new_group, pos, torch.zeros_like(pos)), 0).values
+    for s in range(0, x.shape[0], step):
+        xv = x[s:s + step].to(torch.float64)
+        right = torch.searchsorted(cs, xv).clamp_(max=kc - 1)  # first value >= x
+        left = first[(right - 1).clamp_(min=0)]
+        right = first[right]
+        dl = (xv - cs[left]).abs()
+        dr = (xv - cs[right]).abs()
+        il, ir = order[left], order[right]
+        take_left = (dl < dr) | ((dl == dr) & (il < ir))
+        out[s:s + step] = torch.where(take_left, il, ir)
 
 
 def weighted_sse(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None = None) -> float:
     """Weighted sum of squared distances of the rows of x (N, D) to their nearest centroid."""
     x = as_2d(x).detach().to(torch.float64)
     c = as_2d(centroids, "centroids").detach().to(device=x.device, dtype=torch.float64)
-    idx = nearest_centroid(x, c)
+    w = None if weights is None else weights.detach().reshape(-1).to(device=x.device, dtype=torch.float64)
+    return assigned_sse(x, w, c, nearest_centroid(x, c))
+
+
+def assigned_sse(x: torch.Tensor, w: torch.Tensor | None, c: torch.Tensor, idx: torch.Tensor) -> float:
+    """Weighted SSE of the rows of x (N, D) to the centroids ``c[idx]`` (w=None: unit weights), in chunks."""
     total = 0.0
     step = 1 << 20
-    w = None if weights is None else weights.detach().reshape(-1).to(device=x.device, dtype=torch.float64)
     for s in range(0, x.shape[0], step):
         d = ((x[s:s + step] - c[idx[s:s + step]]) ** 2).sum(1)
         total += float((d if w is None else d * w[s:s + step]).sum())
@@ -131,15 +134,6 @@ def _assign(x32, x_sq32, c, chunk) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, dist
 
 
-def _exact_sse(x, w, c, idx) -> float:
-    total = 0.0
-    step = 1 << 20
-    for s in range(0, x.shape[0], step):
-        d = ((x[s:s + step] - c[idx[s:s + step]]) ** 2).sum(1)
-        total += float((d * w[s:s + step]).sum())
-    return total
-
-
 def _lloyd(x, x32, x_sq32, w, c, max_iter, chunk) -> tuple[torch.Tensor, float]:
     """Weighted Lloyd iterations (float64 centroid updates); returns centres and weighted SSE."""
     k = c.shape[0]
@@ -161,7 +155,7 @@ def _lloyd(x, x32, x_sq32, w, c, max_iter, chunk) -> tuple[torch.Tensor, float]:
         if converged:
             break
     idx, _ = _assign(x32, x_sq32, c, chunk)
-    return c, _exact_sse(x, w, c, idx)
+    return c, assigned_sse(x, w, c, idx)
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, *, n_init: int = 3,

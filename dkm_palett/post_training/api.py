@@ -152,9 +152,11 @@ class KMeansPalettizer:
             t.job.seed = job_seed(base, t.name)
         return targets
 
+    # prepare(example_inputs, ...) and finalize() keep the peer API's names and signatures (coreai_opt / coremltools
+    # KMeansPalettizer), so code written for it runs unchanged: eager mode needs no example inputs, and the weights
+    # are final after prepare.
     def prepare(self, example_inputs: Any = None, num_workers: int = 1, inplace: bool = False) -> nn.Module:
-        """Palettize and return the model. ``example_inputs`` is accepted for API compatibility (eager mode needs
-        no tracing); ``num_workers > 1`` clusters weights in spawned worker processes."""
+        """Palettize and return the model; ``num_workers > 1`` clusters weights in spawned worker processes."""
         check_int("num_workers", num_workers, minimum=1)
         model = self.model if inplace else copy.deepcopy(self.model)
         self._report = {}
