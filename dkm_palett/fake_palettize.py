@@ -143,10 +143,13 @@ class FakePalettize(nn.Module):
         for g in range(groups):
             points, weights = _compress_points(x[g].float().cpu(), gen)
             out[g, :k] = km.kmeans(points, k, weights, method=method, generator=gen).reshape(k, dim)
-        if cfg.enforce_zero and not cfg.add_extra_centroid:
-            idx = out.norm(dim=-1).argmin(dim=1)
-            self.zero_index.fill_(int(idx[0]))
-            out[torch.arange(groups), idx] = 0
+        if (cfg.enforce_zero or cfg.prune_threshold > 0) and not cfg.add_extra_centroid:
+            # Each group's own centroid nearest 0 moves to entry 0 and becomes exactly 0 (DKM pins one index for
+            # all groups). With prune_threshold this keeps the pruned weights exactly 0 after finalize.
+            rows, near = torch.arange(groups), out.norm(dim=-1).argmin(dim=1)
+            out[rows, near] = out[rows, 0]
+            out[rows, 0] = 0
+            self.zero_index.fill_(0)
         self.centroids.copy_(out.to(self.centroids.device))
         self.initialized.fill_(True)
 

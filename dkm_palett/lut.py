@@ -93,17 +93,16 @@ def quantize_lut_int(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128,
     lo, hi = integer_lut_range(lut_dtype, quant_min, quant_max)
     flat = lut.detach().float().reshape(lut.shape[0], -1)
     if lut_dtype == "i8":
-        bound = min(-lo, hi)
-        scale = flat.abs().amax(dim=1) / bound
-        zero_point = torch.zeros(lut.shape[0], dtype=torch.int32)
+        scale = flat.abs().amax(dim=1) / min(-lo, hi)
     else:
         vmin = flat.amin(dim=1).clamp(max=0)
-        vmax = flat.amax(dim=1).clamp(min=0)
-        scale = (vmax - vmin) / (hi - lo)
-        zero_point = torch.zeros(lut.shape[0], dtype=torch.int32)
-        nonzero = scale > 0
-        zero_point[nonzero] = (lo - torch.round(vmin[nonzero] / scale[nonzero])).clamp(lo, hi).to(torch.int32)
+        scale = (flat.amax(dim=1).clamp(min=0) - vmin) / (hi - lo)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # built from the LUT's own tensors, so it stays on the LUT's device (an all-zero u8 LUT has vmin = 0: zero point lo)
+    if lut_dtype == "i8":
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero_point = (lo - torch.round(vmin / scale)).clamp(lo, hi).to(torch.int32)
     view = (-1, 1, 1)
     q = torch.round(lut.detach().float() / scale.reshape(view)) + zero_point.reshape(view)
     q = q.clamp(lo, hi).to(torch.int8 if lut_dtype == "i8" else torch.uint8)
