@@ -32,17 +32,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
+from dkm_palett.lut import attach, records_of
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
 from dkm_palett.validation import check_choice, check_keys, check_type
 
@@ -52,8 +56,61 @@ STATE_VERSION = 1
 STATE_KEY = "DKMPalettizationCallback"
 
 
+# the palettizer that last prepared each module: a fresh callback on a still-prepared module continues its step count
+_PALETTIZERS: "weakref.WeakKeyDictionary[torch.nn.Module, DKMPalettizer]" = weakref.WeakKeyDictionary()
+
+
+class ExportError(RuntimeError):
+    """The export failed on global rank 0; every rank raises this, with the same message."""
+
+
+def export_target(module: torch.nn.Module, name: Optional[str], field: str = "export_module") -> torch.nn.Module:
+    """``module`` itself (``name`` None or empty), or its submodule ``name``; else a ValueError naming ``field``."""
+    if not name:
+        return module
+    target = getattr(module, name, None)
+    if not isinstance(target, torch.nn.Module):
+        raise ValueError(f"{field}={name!r}: the LightningModule has no submodule of that name; set {field} to None "
+                         "(null in a config) to export the whole LightningModule.")
+    return target
+
+
 def _is_prepared(module: torch.nn.Module) -> bool:
     return any(True for _ in fake_palettizers(module))
+
+
+def _check_untracked(module: torch.nn.Module) -> None:
+    """A module prepared elsewhere is fine at step 0, but not once a layer is past its milestone."""
+    for name, _, _, fp in fake_palettizers(module):
+        if bool(fp.enabled) and fp.config.milestone > 0:
+            raise ValueError(
+                f"the module is already prepared and {name} is past its milestone ({fp.config.milestone}), but this "
+                "DKMPalettizationCallback does not know its step count; resume with trainer.fit(..., ckpt_path=...), "
+                "reuse the callback that prepared it, or load it with DKMPalettizationCallback.load_prepared.")
+
+
+def _unprepare(model: torch.nn.Module, added: dict) -> None:
+    """Remove the DKM layers of ``added`` (weight name -> earlier record or None), restoring weights and records."""
+    for name, record in added.items():
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
+        if record is not None:
+            attach(module, param_name, record)
+    _PALETTIZERS.pop(model, None)
+
+
+def _raise_on_every_rank(trainer: "L.Trainer", error: Optional[BaseException], what: str) -> None:
+    """Rank 0 caught ``error`` (or None): every rank raises the same :class:`ExportError`, so none waits forever
+    for rank 0 or reports a closed connection instead of the cause. One process: ``error`` itself."""
+    message = None if error is None else f"DKMPalettizationCallback: {what}: {type(error).__name__}: {error}"
+    if trainer.world_size > 1:
+        message = trainer.strategy.broadcast(message, src=0)
+    if message is None:
+        return
+    if trainer.world_size == 1:
+        raise error
+    raise ExportError(message) from error
 
 
 class DKMPalettizationCallback(Callback):
@@ -121,6 +178,7 @@ class DKMPalettizationCallback(Callback):
         self.export_paths: dict[str, Path] = {}
         self._pending_step_count: Optional[int] = None
         self._last_global_step = 0
+        self._added: dict[str, Any] = {}  # weights this setup prepared -> their earlier record, until training starts
 
     # ------------------------------------------------------------------------------------ properties
     @property
@@ -141,39 +199,57 @@ class DKMPalettizationCallback(Callback):
         if stage != "fit":
             return
         self._check_export_inputs(pl_module)
+        self._prepare(trainer, pl_module, warn_if_empty=not is_overridden("configure_model", pl_module))
+        if is_overridden("configure_model", pl_module):
+            self._prepare_after_configure_model(trainer, pl_module)
+        self.finalized = False
+
+    def _prepare(self, trainer: "L.Trainer", pl_module: "L.LightningModule", warn_if_empty: bool = True) -> None:
+        """Prepare ``pl_module`` in place (idempotent), continuing the step count of the palettizer that prepared it."""
         if self.palettizer is None or self.palettizer.model is not pl_module:
             self.palettizer = DKMPalettizer(pl_module, self.config)
+            earlier = _PALETTIZERS.get(pl_module)
+            if earlier is not None and _is_prepared(pl_module):
+                self.palettizer.step_count = earlier.step_count  # a second Trainer on a still-prepared module
+            elif _is_prepared(pl_module) and self._pending_step_count is None:
+                _check_untracked(pl_module)
         if self._pending_step_count is not None:
             self.palettizer.step_count = self._pending_step_count
             self._pending_step_count = None
-        if not _is_prepared(pl_module):
-            self.palettizer.forget_records()  # stale records of an earlier finalize
+        before = {name for name, _, _, _ in fake_palettizers(pl_module)}
         self.palettizer.prepare(inplace=True)  # idempotent: prepared weights are left alone
-        if not _is_prepared(pl_module):
+        self._added.update({name: records_of(module).get(param_name)
+                            for name, module, param_name, _ in fake_palettizers(pl_module) if name not in before})
+        _PALETTIZERS[pl_module] = self.palettizer
+        if warn_if_empty and not _is_prepared(pl_module):
             rank_zero_warn("DKMPalettizationCallback: the config selects no weight of this module; nothing will be "
                            "palettized (check weight_threshold and the module configs).")
-        self.finalized = False
 
-    def _export_target(self, pl_module: "L.LightningModule") -> torch.nn.Module:
-        if self.export_module is None:
-            return pl_module
-        target = getattr(pl_module, self.export_module, None)
-        if not isinstance(target, torch.nn.Module):
-            raise ValueError(f"export_module={self.export_module!r}: the LightningModule has no submodule of that "
-                             "name; pass None to export the whole LightningModule.")
-        return target
+    def _prepare_after_configure_model(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        """Lightning calls ``configure_model`` after ``setup`` and before checkpoint restore, DDP wrapping and the
+        optimizers: prepare the layers it creates right after it returns."""
+        configure_model = pl_module.configure_model
+
+        def configure_then_prepare() -> None:
+            try:
+                configure_model()
+            finally:
+                del pl_module.configure_model  # back to the class's own hook
+            self._prepare(trainer, pl_module)
+
+        pl_module.configure_model = configure_then_prepare
 
     def _example(self, pl_module: "L.LightningModule") -> Any:
         if self.example_inputs is not None:
             return self.example_inputs
-        example = getattr(self._export_target(pl_module), "example_input_array", None)
+        example = getattr(export_target(pl_module, self.export_module), "example_input_array", None)
         return pl_module.example_input_array if example is None else example
 
     def _check_export_inputs(self, pl_module: "L.LightningModule") -> None:
         """Fail before training, not after it, when an export could not run."""
         if self.export_dir is None:
             return
-        self._export_target(pl_module)
+        export_target(pl_module, self.export_module)
         if "coreml" in self.exports and self._example(pl_module) is None:
             raise ValueError("exports includes 'coreml' but there is no example input: set the LightningModule's "
                                  "example_input_array or pass example_inputs= to DKMPalettizationCallback.")
@@ -181,6 +257,9 @@ class DKMPalettizationCallback(Callback):
     @override
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._last_global_step = trainer.global_step  # after checkpoint restore
+        if self._added:  # this fit prepared a finalized module again: drop the records of that finalize
+            self.palettizer.forget_records()
+            self._added = {}
 
     # ------------------------------------------------------------------------------------ per batch
     @override
@@ -188,7 +267,7 @@ class DKMPalettizationCallback(Callback):
                            batch_idx: int) -> None:
         if self.palettizer is None:
             return
-        for _ in range(trainer.global_step - self._last_global_step):
+        if trainer.global_step > self._last_global_step:  # this batch ran at least one optimizer step
             self.palettizer.step()
         self._last_global_step = trainer.global_step
         self._log_progress(pl_module)
@@ -222,9 +301,13 @@ class DKMPalettizationCallback(Callback):
             if final:
                 logger.log_metrics(final, step=trainer.global_step)
         if self.export_dir is not None:
+            error = None
             if trainer.is_global_zero:
-                self.export_paths = self.export(pl_module)
-            trainer.strategy.barrier("dkm_palettization_export")
+                try:
+                    self.export_paths = self.export(pl_module)
+                except Exception as err:  # noqa: BLE001 - every rank raises it below
+                    error = err
+            _raise_on_every_rank(trainer, error, f"the export to {str(self.export_dir)!r} failed on global rank 0")
 
     def _copy_rank_zero_state(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         """All ranks finalize from rank 0's DKM buffers, so every rank holds the same LUTs."""
@@ -240,7 +323,7 @@ class DKMPalettizationCallback(Callback):
 
         folder = self.export_dir
         folder.mkdir(parents=True, exist_ok=True)
-        target = self._export_target(pl_module)
+        target = export_target(pl_module, self.export_module)
         paths: dict[str, Path] = {}
         if "safetensors" in self.exports:
             paths["safetensors"] = folder / f"{self.file_stem}.safetensors"
@@ -258,7 +341,14 @@ class DKMPalettizationCallback(Callback):
     # ------------------------------------------------------------------------------------ interruption
     @override
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
-        """Leave the prepared module and the DKM state untouched (no finalize): it can be checkpointed and resumed."""
+        """Leave the prepared module and the DKM state untouched (no finalize): it can be checkpointed and resumed.
+
+        A fit that fails before training starts (e.g. a ``ckpt_path`` that does not exist) takes back what this
+        ``setup`` prepared, so a finalized module stays finalized."""
+        if self._added:
+            _unprepare(pl_module, self._added)
+            self._added = {}
+            return
         if self.palettizer is not None and not self.finalized:
             rank_zero_info(f"DKMPalettizationCallback: fit stopped at DKM step {self.step_count} "
                            f"({type(exception).__name__}); the module stays prepared (not finalized) and can be "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -37,6 +38,33 @@ def _fsync_file(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(path: Path) -> None:
+    """Give a finished temp file the mode a plain ``open(path, "w")`` would (writers such as safetensors create
+    0600 files)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_umask())
+
+
+def ensure_writable_dir(path: PathLike, field: str) -> Path:
+    """Create the folder ``path`` (and its parents) and check that a file can be written in it; else a ValueError
+    that names ``field``. For output folders, before any long work starts."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{field}={str(path)!r} is not a writable folder ({err.strerror or err}); choose a folder "
+                         "you can create and write to.") from None
+    return folder
+
+
 def _check_parent(path: Path) -> None:
     if not path.parent.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
@@ -56,6 +84,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         if not tmp.is_file():
             raise RuntimeError(f"nothing was written to the temp file for {str(target)!r}.")
         _fsync_file(tmp)
+        _normal_permissions(tmp)
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)

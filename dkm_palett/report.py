@@ -22,7 +22,7 @@ def record_stats(record: PalettizedTensor, original: Optional[torch.Tensor]) -> 
         "shape": list(record.shape),
         "lut_dtype": record.lut_dtype,
         "per_channel_scale": record.scale is not None,
-        "unique_values_per_lut_max": int(max(record.indices[g].unique().numel() for g in range(record.n_groups))),
+        "lut_entries_used_max": int(max(record.indices[g].unique().numel() for g in range(record.n_groups))),
         "float_bytes": record.numel * 4,
         "compressed_bytes": (record.storage_bits() + 7) // 8,
     }

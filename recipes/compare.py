@@ -8,6 +8,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from dkm_palett.callbacks import export_target
 from dkm_palett.recipes import phases
 from dkm_palett.recipes.config import build_dkm_config
 from dkm_palett.recipes.report import compression, primary_metric
@@ -53,7 +54,7 @@ def run_compare(cfg: DictConfig, datamodule, run_dir: Path, baseline_state: dict
                                                build_dkm_config(cfg.palettization, n_bits), phase=f"dkm_{n_bits}bit",
                                                export=chosen_now, example=example)
         dkm_metrics = phases.evaluate(cfg, dkm, datamodule, run_dir)
-        comp = compression(phases.export_target(cfg, dkm))
+        comp = compression(export_target(dkm, cfg.export.get("submodule"), "export.submodule"))
         rows.append({"n_bits": n_bits, "post_training": ptq_metrics, "dkm": dkm_metrics, "compression": comp})
         print(f"[compare] {n_bits}-bit: post-training {metric}={ptq_metrics.get(metric):.4f}  "
               f"DKM {metric}={dkm_metrics.get(metric):.4f}", flush=True)

@@ -16,7 +16,8 @@ def conf_dir() -> str:
     return str(files("dkm_palett.conf"))
 
 
-def _field_names() -> tuple[str, ...]:
+def field_names() -> tuple[str, ...]:
+    """The fields of ``ModuleDKMPalettizerConfig``: the keys the ``palettization`` group accepts."""
     import dataclasses
 
     from dkm_palett.config.training import ModuleDKMPalettizerConfig
@@ -27,7 +28,7 @@ def _field_names() -> tuple[str, ...]:
 def _prefixed(err: Exception, where: str = "palettization") -> Exception:
     """Re-raise ``err`` with ``palettization.`` before the field it names (``palettization.n_bits=5 ...``)."""
     msg = " ".join(str(err).split())
-    if msg.split("=")[0].split(" ")[0] in _field_names():
+    if msg.split("=")[0].split(" ")[0] in field_names():
         msg = f"{where}.{msg}"
     else:
         msg = f"{where}: {msg}"

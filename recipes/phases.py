@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import pickle
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from dkm_palett.io import atomic_torch_save
+from dkm_palett.io import atomic_path, atomic_torch_save, atomic_write_text
 
 
 def loggers(run_dir: Path, phase: str) -> list:
@@ -66,6 +70,39 @@ def train_baseline(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir:
     trainer.fit(lit, datamodule=datamodule)
     atomic_torch_save({"state_dict": lit.state_dict()}, run_dir / "baseline.ckpt")
     return trainer
+
+
+def baseline_key(cfg: DictConfig) -> str:
+    """A hash of everything that shapes the trained float baseline (model, data, baseline, trainer except its DKM
+    ``max_epochs``, extra callbacks, seed)."""
+    plain = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "data", "trainer", "baseline")}
+    plain["trainer"].pop("max_epochs", None)
+    plain["baseline"].pop("checkpoint", None)
+    plain["callbacks"] = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+                          for k, v in (cfg.get("callbacks") or {}).items() if k != "dkm"}
+    plain["seed"] = cfg.seed
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_baseline(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: Path,
+                    cache: Optional[Path]) -> dict:
+    """Train the float baseline, or load it from ``cache`` when an earlier run with the same :func:`baseline_key`
+    stored it there (then return the training time it saved); a trained one is stored in ``cache``."""
+    key = baseline_key(cfg)
+    ckpt = meta = None
+    if cache is not None:
+        ckpt, meta = cache / f"baseline-{key}.ckpt", cache / f"baseline-{key}.json"
+        if ckpt.is_file() and meta.is_file():
+            load_baseline(lit, ckpt)
+            return {"reused": str(ckpt), "saved_s": float(json.loads(meta.read_text())["train_s"])}
+    started = time.perf_counter()
+    train_baseline(cfg, lit, datamodule, run_dir)
+    train_s = time.perf_counter() - started
+    if cache is not None:
+        with atomic_path(ckpt) as tmp:
+            shutil.copyfile(run_dir / "baseline.ckpt", tmp)
+        atomic_write_text(meta, json.dumps({"train_s": train_s, "run_dir": str(run_dir)}))
+    return {"trained": str(run_dir / "baseline.ckpt"), "train_s": train_s}
 
 
 def load_baseline(lit: L.LightningModule, path: Path) -> None:
@@ -152,17 +189,6 @@ def example_inputs(lit: L.LightningModule, datamodule) -> Any:
     batch = next(iter(datamodule.val_dataloader()))
     x = batch[0] if isinstance(batch, (list, tuple)) else batch
     return x[:1]
-
-
-def export_target(cfg: DictConfig, lit: L.LightningModule) -> torch.nn.Module:
-    name = cfg.export.get("submodule")
-    if not name:
-        return lit
-    module = getattr(lit, name, None)
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f"export.submodule={name!r}: the LightningModule has no submodule of that name; "
-                         "set export.submodule=null to export the whole LightningModule.")
-    return module
 
 
 def _tree_bytes(path: Path) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 from dkm_palett.recipes.config import conf_dir
 
@@ -31,24 +33,49 @@ def _silence() -> None:
     warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
-def run(cfg, run_dir: str | os.PathLike) -> dict:
-    """Run the whole recipe for a composed config, writing into ``run_dir``; return the report dict."""
-    import lightning as L
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+@dataclass
+class RecipeRun:
+    """What the phases of one run share: the config, the run dir, the data and model, and what each phase adds."""
 
+    cfg: Any
+    run_dir: Path
+    datamodule: Any
+    lit: Any
+    dkm_configs: dict
+    checkpoint: Optional[Path]
+    baseline_cache: Optional[Path] = None
+    timings: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    float_weights: dict = field(default_factory=dict)
+    example: Any = None
+
+
+def run(cfg, run_dir: str | os.PathLike, baseline_cache: str | os.PathLike | None = None) -> dict:
+    """Run the whole recipe for a composed config, writing into ``run_dir``; return the report dict.
+
+    ``baseline_cache``: a folder where a trained float baseline is stored under a key of its resolved config and
+    reused by later runs with the same key (the jobs of a ``-m`` sweep)."""
+    _silence()
+    started = time.perf_counter()
+    _STATE["phase"] = "setup"
+    state = setup_phase(cfg, run_dir, baseline_cache)
+    _STATE["phase"] = "run"
+    baseline_phase(state)
+    dkm_phase(state)
+    return report_phase(state, started)
+
+
+def setup_phase(cfg, run_dir: str | os.PathLike, baseline_cache: str | os.PathLike | None) -> RecipeRun:
+    """Every check before any data is loaded or any step is trained: config, targets, layers, output folders."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from dkm_palett.callbacks import export_target
+    from dkm_palett.io import ensure_writable_dir
     from dkm_palett.recipes import phases
     from dkm_palett.recipes.config import build_dkm_config, check_layers, check_targets, resolve_checkpoint
-    from dkm_palett.recipes.report import compression, primary_metric, summary, write_report
 
-    _silence()
-    _STATE["phase"] = "setup"
-    started = time.perf_counter()
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    # -- fail fast: every check before any data is loaded or any step is trained
+    run_dir = ensure_writable_dir(Path(run_dir).resolve(), "run dir")
     check_targets(cfg)
     bits_to_check = [int(b) for b in cfg.compare.bits] if cfg.mode == "compare" else [None]
     dkm_configs = {b: build_dkm_config(cfg.palettization, b) for b in bits_to_check}
@@ -60,67 +87,84 @@ def run(cfg, run_dir: str | os.PathLike) -> dict:
         raise TypeError(f"model._target_ must build a LightningModule, got {type(lit).__name__}.")
     for dkm_config in dkm_configs.values():
         check_layers(lit, dkm_config)
-    phases.export_target(cfg, lit)
-    _STATE["phase"] = "run"
+    export_target(lit, cfg.export.get("submodule"), "export.submodule")
+    if phases.export_kinds(cfg)[0]:
+        ensure_writable_dir(run_dir / cfg.export.dir, "export.dir")
+    if baseline_cache is not None:
+        baseline_cache = ensure_writable_dir(baseline_cache, "baseline cache")
+    return RecipeRun(cfg, run_dir, datamodule, lit, dkm_configs, checkpoint, baseline_cache)
 
-    # -- float baseline
-    timings = {}
+
+def baseline_phase(state: RecipeRun) -> None:
+    """The float baseline: loaded (``baseline.checkpoint`` or the sweep's cache) or trained; then evaluated."""
+    from dkm_palett.recipes import phases
+    from dkm_palett.recipes.report import primary_metric
+
+    cfg, lit = state.cfg, state.lit
     t = time.perf_counter()
-    if checkpoint is not None:
-        phases.load_baseline(lit, checkpoint)
+    if state.checkpoint is not None:
+        phases.load_baseline(lit, state.checkpoint)
+        state.report["baseline_source"] = {"checkpoint": str(state.checkpoint)}
     else:
-        phases.train_baseline(cfg, lit, datamodule, run_dir)
-    timings["baseline_s"] = time.perf_counter() - t
-    baseline_metrics = phases.evaluate(cfg, lit, datamodule, run_dir)
-    metric, _ = primary_metric(baseline_metrics)
-    float_weights = {name: p.detach().cpu().clone() for name, p in lit.named_parameters()}
-    example = phases.example_inputs(lit, datamodule)
+        state.report["baseline_source"] = phases.cached_baseline(cfg, lit, state.datamodule, state.run_dir,
+                                                                 state.baseline_cache)
+    state.timings["baseline_s"] = time.perf_counter() - t
+    state.report["baseline"] = phases.evaluate(cfg, lit, state.datamodule, state.run_dir)
+    state.report["metric"], _ = primary_metric(state.report["baseline"])
+    state.float_weights = {name: p.detach().cpu().clone() for name, p in lit.named_parameters()}
+    state.example = phases.example_inputs(lit, state.datamodule)
 
-    # -- DKM (one bit width, or the compare loop)
+
+def dkm_phase(state: RecipeRun) -> None:
+    """DKM fine-tuning at ``palettization.n_bits`` (with the post-training reference), or the compare loop."""
+    import lightning as L
+
+    from dkm_palett.recipes import phases
+    from dkm_palett.recipes.compare import fresh_copy, post_training, run_compare
+
+    cfg, report = state.cfg, state.report
     t = time.perf_counter()
-    report: dict = {"name": cfg.name, "mode": cfg.mode, "metric": metric}
+    baseline_state = {k: v.detach().clone() for k, v in state.lit.state_dict().items()}
     if cfg.mode == "compare":
-        from dkm_palett.recipes.compare import run_compare
-
-        state = {k: v.detach().clone() for k, v in lit.state_dict().items()}
-        result = run_compare(cfg, datamodule, run_dir, state, baseline_metrics, example)
+        result = run_compare(cfg, state.datamodule, state.run_dir, baseline_state, report["baseline"], state.example)
         chosen = result["chosen"]
-        lit, layers = chosen["lit"], chosen["layers"]
-        palettized_metrics = chosen["palettized"]
+        state.lit, report["layers"], report["palettized"] = chosen["lit"], chosen["layers"], chosen["palettized"]
         report.update(post_training=chosen["post_training"], compare=result["rows"], compare_bits=chosen["n_bits"])
-        artifacts = phases.artifacts(cfg, chosen["callback"])
+        callback = chosen["callback"]
     else:
         if cfg.get("reference_post_training", True) and cfg.palettization.n_bits is not None:
-            from dkm_palett.recipes.compare import fresh_copy, post_training
-
-            state = {k: v.detach().clone() for k, v in lit.state_dict().items()}
-            ptq = post_training(cfg, fresh_copy(cfg, state), int(cfg.palettization.n_bits))
-            report["post_training"] = phases.evaluate(cfg, ptq, datamodule, run_dir)
+            ptq = post_training(cfg, fresh_copy(cfg, baseline_state), int(cfg.palettization.n_bits))
+            report["post_training"] = phases.evaluate(cfg, ptq, state.datamodule, state.run_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        callback, layers = phases.dkm_finetune(cfg, lit, datamodule, run_dir, dkm_configs[None], export=True,
-                                               example=example)
-        artifacts = phases.artifacts(cfg, callback)
-        palettized_metrics = phases.evaluate(cfg, lit, datamodule, run_dir)
-    timings["dkm_and_export_s"] = time.perf_counter() - t
+        callback, report["layers"] = phases.dkm_finetune(cfg, state.lit, state.datamodule, state.run_dir,
+                                                         state.dkm_configs[None], export=True, example=state.example)
+        report["palettized"] = phases.evaluate(cfg, state.lit, state.datamodule, state.run_dir)
+    report["artifacts"] = phases.artifacts(cfg, callback)
+    state.timings["dkm_and_export_s"] = time.perf_counter() - t
 
-    # -- report, plots
+
+def report_phase(state: RecipeRun, started: float) -> dict:
+    """report.json, plots and the summary table."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from dkm_palett.callbacks import export_target
+    from dkm_palett.recipes.report import compression, summary, write_report
+
+    cfg, run_dir = state.cfg, state.run_dir
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if cfg.mode == "compare":
-        resolved["palettization"]["n_bits"] = report["compare_bits"]
+        resolved["palettization"]["n_bits"] = state.report["compare_bits"]
+    report = {"name": cfg.name, "mode": cfg.mode, **state.report}
     report.update(
-        baseline=baseline_metrics,
-        palettized=palettized_metrics,
-        compression=compression(phases.export_target(cfg, lit)),
-        layers=layers,
+        compression=compression(export_target(state.lit, cfg.export.get("submodule"), "export.submodule")),
         config=resolved,
-        artifacts=artifacts,
         run_dir=str(run_dir),
         torch_threads=torch.get_num_threads(),
     )
     write_report(run_dir, report)
-    report["plots"] = _plots(cfg, report, lit, float_weights, run_dir) if cfg.get("plots", True) else []
-    timings["total_s"] = time.perf_counter() - started
-    report["timings"] = timings
+    report["plots"] = _plots(cfg, report, state.lit, state.float_weights, run_dir) if cfg.get("plots", True) else []
+    report["timings"] = {**state.timings, "total_s": time.perf_counter() - started}
     write_report(run_dir, report)
     print("\n" + summary(report, run_dir), flush=True)
     return report
@@ -153,8 +197,19 @@ def _plots(cfg, report: dict, lit, float_weights: dict, run_dir: Path) -> list[s
 
 def _report_error(err: BaseException) -> None:
     """One line on stderr; errors after the config checks also say how to get the traceback."""
-    hint = "" if _STATE["phase"] == "setup" else " (set HYDRA_FULL_ERROR=1 for the traceback)"
-    print("error: " + " ".join(str(err).split()) + hint, file=sys.stderr, flush=True)
+    from dkm_palett.recipes.cli import print_error
+
+    hint = "" if _STATE["phase"] == "setup" else " (traceback in train.log, or set HYDRA_FULL_ERROR=1)"
+    print_error(str(err) + hint)
+
+
+def _sweep_baseline_cache(hydra_config) -> Optional[Path]:
+    """``<sweep dir>/baselines`` in a ``-m`` run with ``baseline.reuse_in_sweep``, else None."""
+    from hydra.types import RunMode
+
+    if hydra_config.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_config.sweep.dir) / "baselines"
 
 
 def main() -> None:
@@ -162,15 +217,27 @@ def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from dkm_palett.recipes.cli import check_override_keys, record_failure
+
     if os.getcwd() not in sys.path:  # like ``python -m``: the user's own modules (experiment=custom) import
         sys.path.append(os.getcwd())
+    try:
+        check_override_keys(sys.argv[1:])
+    except ValueError as err:
+        _report_error(err)
+        sys.exit(2)
 
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
     def _app(cfg) -> None:
+        hydra_config = HydraConfig.get()
+        run_dir = Path(hydra_config.runtime.output_dir)
+        cache = _sweep_baseline_cache(hydra_config) if cfg.baseline.get("reuse_in_sweep", True) else None
         try:
-            run(cfg, HydraConfig.get().runtime.output_dir)
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            run(cfg, run_dir, baseline_cache=cache)
+        except Exception as err:
+            known = isinstance(err, (ValueError, TypeError, FileNotFoundError))
+            record_failure(run_dir, err, config_error=known and _STATE["phase"] == "setup")
+            if not known or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             _report_error(err)
             sys.exit(2)

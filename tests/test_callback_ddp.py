@@ -17,6 +17,8 @@ import pytest
 L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from dkm_palett.callbacks import DKMPalettizationCallback  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 CONFIG = {
     "global_config": {"n_bits": 2, "weight_threshold": 100},
@@ -48,10 +50,41 @@ class SaveRankState(Callback):
         trainer.strategy.barrier("saved")
 
 
+class FailingExport(DKMPalettizationCallback):
+    """The export raises on rank 0; each rank writes what it leaves ``on_fit_end`` with to error<rank>.txt."""
+
+    def export(self, pl_module):
+        raise ValueError("converter crashed")
+
+    def on_fit_end(self, trainer, pl_module):
+        try:
+            super().on_fit_end(trainer, pl_module)
+        except Exception as err:
+            (self.export_dir.parent / f"error{trainer.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
+            raise
+
+
+def run_failing_export(strategy: str, out: Path) -> None:
+    """The export raises on rank 0 (as a coremltools error would); every rank must leave with the same error."""
+    import torch
+
+    from helpers_lightning import DigitsClassifier, DigitsDataModule
+
+    torch.set_num_threads(1)
+    callback = FailingExport(CONFIG, export_dir=out / "artifacts", exports=("safetensors",))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[callback])
+    try:
+        trainer.fit(DigitsClassifier(), DigitsDataModule())
+    except Exception as err:  # noqa: BLE001 - the launching process records what reached it
+        (out / f"launcher{os.getpid()}.txt").write_text(f"{type(err).__name__}: {err}")
+        sys.exit(3)
+
+
 def run_training(strategy: str, out: Path) -> None:
     import torch
 
-    from dkm_palett.callbacks import DKMPalettizationCallback
     from dkm_palett.io import atomic_torch_save
     from helpers_lightning import DigitsClassifier, DigitsDataModule
 
@@ -69,14 +102,36 @@ def run_training(strategy: str, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------- test side
 
 
-def _run_script(strategy: str, out: Path) -> None:
+def _run_script(strategy: str, out: Path, mode: str = "train") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in _DIST_ENV and not k.startswith(("SLURM_", "PL_", "TORCHELASTIC_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])  # helpers_lightning
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), strategy, str(out)], cwd=str(out),
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{strategy} run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), strategy, str(out), mode], cwd=str(out),
+                          env=env, capture_output=True, text=True, timeout=180)  # a hang fails here
+    if mode == "train":
+        assert proc.returncode == 0, f"{strategy} run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_failed_export_reaches_every_rank_with_the_same_error(strategy, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    proc = _run_script(strategy, tmp_path, mode="fail")
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    expected = ("ExportError: DKMPalettizationCallback: the export to " + repr(str(tmp_path / "artifacts")) +
+                " failed on global rank 0: ValueError: converter crashed")
+    for rank in (0, 1):
+        assert (tmp_path / f"error{rank}.txt").read_text() == expected, rank
+    launchers = [p.read_text() for p in tmp_path.glob("launcher*.txt")]
+    if strategy == "ddp":  # each rank runs the script: both leave fit with the same error
+        assert launchers == [expected] * 2
+    else:  # the main process (not a rank) gets the worker's error with its traceback
+        assert len(launchers) == 1 and expected.split(": ", 1)[1] in launchers[0]
+    assert "Connection closed by peer" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -119,4 +174,4 @@ def test_ddp_ranks_hold_identical_luts(strategy, tmp_path):
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE)]
-    run_training(sys.argv[1], Path(sys.argv[2]).resolve())
+    (run_failing_export if sys.argv[3:] == ["fail"] else run_training)(sys.argv[1], Path(sys.argv[2]).resolve())

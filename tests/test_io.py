@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from dkm_palett import io
+from dkm_palett.io import atomic_path, atomic_write_text
 
 
 def _names(folder):
@@ -96,3 +99,29 @@ def test_atomic_directory_failure_without_old_target_leaves_nothing(tmp_path):
         with io.atomic_directory(tmp_path / "m.mlpackage", create=True):
             raise ValueError("conversion failed")
     assert _names(tmp_path) == []
+
+
+def test_atomic_writes_keep_normal_permissions_even_when_the_writer_makes_0600_files(tmp_path):
+    import stat
+
+    from safetensors.torch import save_file
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "model.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))  # safetensors itself creates 0600 files
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(mask)
+    for name in ("model.safetensors", "report.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_ensure_writable_dir_names_the_field(tmp_path):
+    from dkm_palett.io import ensure_writable_dir
+
+    assert ensure_writable_dir(tmp_path / "a" / "b", "export.dir").is_dir()
+    assert not list((tmp_path / "a" / "b").iterdir())  # the write check leaves nothing behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"export\.dir='.*file/sub' is not a writable folder \(.*\); choose"):
+        ensure_writable_dir(tmp_path / "file" / "sub", "export.dir")

@@ -82,7 +82,7 @@ def test_default_run_writes_report_plots_logs_artifacts(digits_run):
     assert set(palettized) == {"net.features.2.weight", "net.features.5.weight", "net.classifier.1.weight"}
     for row in palettized.values():
         assert row["n_bits"] == 4 and row["n_clusters"] == 16
-        assert row["unique_values_per_lut_max"] <= 16
+        assert row["lut_entries_used_max"] <= 16
         assert row["compressed_bytes"] < row["float_bytes"]
         assert math.isfinite(row["rms_error"])
     assert layers["net.features.0.weight"]["palettized"] is False
@@ -141,6 +141,7 @@ def test_baseline_checkpoint_and_grouped_2bit_override(digits_run, tmp_path):
     (["palettization.weight_threshold=100000"], ValueError, "palettization.weight_threshold=100000 leaves no weight "
      "to palettize (the largest supported weight has 32768 elements)"),
     (["experiment=custom"], ValueError, "model._target_ is not set"),
+    (["export.dir=/proc/forbidden"], ValueError, "export.dir='/proc/forbidden' is not a writable folder"),
 ])
 def test_bad_overrides_fail_before_training(overrides, exc, message, tmp_path):
     with pytest.raises(exc) as info:
@@ -155,6 +156,7 @@ def test_cli_bad_override_prints_one_error_line_and_exits_2(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["error: palettization.n_bits=5 is not allowed; allowed values: 1, 2, 3, 4, 6, 8."]
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()  # a config error leaves no run folder behind
 
 
 def test_cli_help_and_cfg_job(tmp_path):
