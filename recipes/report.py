@@ -107,6 +107,9 @@ def summary(report: dict, run_dir: Path) -> str:
         lines.append(f"  {row['n_bits']}-bit: post-training {_fmt_metric(metric, row['post_training'].get(metric))}"
                      f"  DKM {_fmt_metric(metric, row['dkm'].get(metric))}"
                      f"  ({row['compression']['ratio']:.2f}x smaller)")
+    source = report.get("baseline_source") or {}
+    if source.get("reused"):
+        lines.append(f"  {'baseline:':<10} reused {source['reused']} (saved {source['saved_s']:.0f} s of training)")
     lines.append(f"  {'run dir:':<10} {run_dir}")
     lines.append(f"  {'report:':<10} {Path(run_dir) / 'report.json'}")
     labels = {"coreml": "core ml", "compressed": "portable", "layer_report": "layers"}

@@ -281,6 +281,13 @@ def test_cli_multirun_gives_one_dir_per_bit_width_and_a_bits_plot(tmp_path):
     assert bits == [2, 4]
     assert is_png(sweep / "metric_vs_bits.png") and is_png(runs[-1] / "metric_vs_bits.png")
     assert "DKM 4-bit" in proc.stdout
+    # the float baseline is trained by the first job only and reused (same metrics) by the second
+    first, second = (json.loads((p / "report.json").read_text()) for p in runs)
+    assert "trained" in first["baseline_source"] and (runs[0] / "baseline.ckpt").is_file()
+    assert second["baseline_source"]["reused"].startswith(str(sweep / "baselines" / "baseline-"))
+    assert second["baseline_source"]["saved_s"] == pytest.approx(first["baseline_source"]["train_s"])
+    assert second["baseline"] == first["baseline"] and not (runs[1] / "baseline.ckpt").exists()
+    assert "baseline:  reused" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------------- pieces
