@@ -3,17 +3,22 @@
 Lifecycle (every hook delegates to :class:`dkm_palett.palettizer.DKMPalettizer` or the export functions):
 
 - ``setup(stage="fit")``: prepares the LightningModule in place (before checkpoint restore, DDP wrapping and
-  optimizer creation, so ``ckpt_path=`` resume and DDP see the DKM parameters and buffers). A module that is already
-  prepared is not prepared again; a module finalized by an earlier ``fit`` is prepared afresh from its palettized
-  weights, so a second ``fit`` keeps fine-tuning with DKM.
-- ``on_train_batch_end``: one ``DKMPalettizer.step()`` per *optimizer* step (``trainer.global_step`` increments), so
-  with ``accumulate_grad_batches=N`` a milestone of ``m`` means ``m`` optimizer steps (``m * N`` batches). Logs
+  optimizer creation, so ``ckpt_path=`` resume and DDP see the DKM parameters and buffers); layers the module builds
+  in ``configure_model`` (which Lightning calls right after ``setup``) are prepared as soon as that hook returns. A
+  module that is already prepared is not prepared again and keeps its step count (also with a fresh callback in a
+  second Trainer); a module finalized by an earlier ``fit`` is prepared afresh from its palettized weights, so a
+  second ``fit`` keeps fine-tuning with DKM. If that ``fit`` fails before training starts (e.g. a ``ckpt_path`` that
+  does not exist), the module is given back finalized, as it was.
+- ``on_train_batch_end``: one ``DKMPalettizer.step()`` per training batch that ran an optimizer step
+  (``trainer.global_step`` advanced): with ``accumulate_grad_batches=N`` a milestone of ``m`` means ``m`` optimizer
+  steps (``m * N`` batches); with manual optimization and several optimizers it still means ``m`` batches. Logs
   ``dkm/<weight>/error`` (FakePalettize.last_error, RMS clustering error of the last training forward) for active
   layers, ``dkm/active_layers``, ``dkm/waiting_layers`` (milestone not reached yet) and ``dkm/step``.
 - ``on_fit_end``: (DDP: copies rank 0's DKM buffers to every rank) finalizes in place, keeps ``report``, logs
   ``dkm_final/<weight>/rms_error`` and, when ``export_dir`` is set, writes on global rank 0 only:
   ``<stem>.mlpackage`` (Core ML), ``<stem>.safetensors`` (portable, :func:`dkm_palett.export.load_compressed`) and
-  ``<stem>.report.json``. validate/test/predict after fit therefore run the finalized model.
+  ``<stem>.report.json``. validate/test/predict after fit therefore run the finalized model. If the export fails,
+  every rank raises the same :class:`ExportError` (one process: the export's own error).
 - ``on_exception`` (KeyboardInterrupt, errors): does *not* finalize. The module stays prepared with all DKM state in
   its buffers and this callback's ``state_dict``, so ``trainer.save_checkpoint`` / the last ``ModelCheckpoint`` can
   be resumed with ``trainer.fit(..., ckpt_path=...)``.
@@ -21,7 +26,8 @@ Lifecycle (every hook delegates to :class:`dkm_palett.palettizer.DKMPalettizer` 
 Checkpoints: the module's buffers (centroids, initialized, enabled, steps, ...) travel in the model state_dict; the
 callback's ``state_dict`` holds only primitives (step count, finalized flag, the config as a plain dict), so
 Lightning's ``weights_only=True`` loading works. To load a mid-palettization checkpoint into a fresh module outside
-of ``fit``, use :meth:`DKMPalettizationCallback.load_prepared`.
+of ``fit``, use :meth:`DKMPalettizationCallback.load_prepared` (a plain ``LitModule.load_from_checkpoint`` cannot:
+the state_dict holds the DKM layers, which only a prepared module has).
 
 ``ddp_spawn``: the workers finalize and export; the main process's module receives the finalized weights (as plain
 tensors) but not the LUT records, reload those with ``load_compressed(<export_dir>/<stem>.safetensors, module)``.
@@ -32,7 +38,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import weakref
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,12 +46,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
-from dkm_palett.lut import attach, records_of
+from dkm_palett.lut import records_of
+from dkm_palett.callbacks.lifecycle import (PALETTIZERS, check_untracked, export_target, is_prepared,
+                                            raise_on_every_rank, unprepare)
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
 from dkm_palett.validation import check_choice, check_keys, check_type
 
@@ -54,63 +60,6 @@ EXPORTS = ("coreml", "safetensors")
 COREML_OPTIONS = ("minimum_deployment_target", "trace", "compute_precision", "verbose")
 STATE_VERSION = 1
 STATE_KEY = "DKMPalettizationCallback"
-
-
-# the palettizer that last prepared each module: a fresh callback on a still-prepared module continues its step count
-_PALETTIZERS: "weakref.WeakKeyDictionary[torch.nn.Module, DKMPalettizer]" = weakref.WeakKeyDictionary()
-
-
-class ExportError(RuntimeError):
-    """The export failed on global rank 0; every rank raises this, with the same message."""
-
-
-def export_target(module: torch.nn.Module, name: Optional[str], field: str = "export_module") -> torch.nn.Module:
-    """``module`` itself (``name`` None or empty), or its submodule ``name``; else a ValueError naming ``field``."""
-    if not name:
-        return module
-    target = getattr(module, name, None)
-    if not isinstance(target, torch.nn.Module):
-        raise ValueError(f"{field}={name!r}: the LightningModule has no submodule of that name; set {field} to None "
-                         "(null in a config) to export the whole LightningModule.")
-    return target
-
-
-def _is_prepared(module: torch.nn.Module) -> bool:
-    return any(True for _ in fake_palettizers(module))
-
-
-def _check_untracked(module: torch.nn.Module) -> None:
-    """A module prepared elsewhere is fine at step 0, but not once a layer is past its milestone."""
-    for name, _, _, fp in fake_palettizers(module):
-        if bool(fp.enabled) and fp.config.milestone > 0:
-            raise ValueError(
-                f"the module is already prepared and {name} is past its milestone ({fp.config.milestone}), but this "
-                "DKMPalettizationCallback does not know its step count; resume with trainer.fit(..., ckpt_path=...), "
-                "reuse the callback that prepared it, or load it with DKMPalettizationCallback.load_prepared.")
-
-
-def _unprepare(model: torch.nn.Module, added: dict) -> None:
-    """Remove the DKM layers of ``added`` (weight name -> earlier record or None), restoring weights and records."""
-    for name, record in added.items():
-        module_name, _, param_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
-        if record is not None:
-            attach(module, param_name, record)
-    _PALETTIZERS.pop(model, None)
-
-
-def _raise_on_every_rank(trainer: "L.Trainer", error: Optional[BaseException], what: str) -> None:
-    """Rank 0 caught ``error`` (or None): every rank raises the same :class:`ExportError`, so none waits forever
-    for rank 0 or reports a closed connection instead of the cause. One process: ``error`` itself."""
-    message = None if error is None else f"DKMPalettizationCallback: {what}: {type(error).__name__}: {error}"
-    if trainer.world_size > 1:
-        message = trainer.strategy.broadcast(message, src=0)
-    if message is None:
-        return
-    if trainer.world_size == 1:
-        raise error
-    raise ExportError(message) from error
 
 
 class DKMPalettizationCallback(Callback):
@@ -208,11 +157,11 @@ class DKMPalettizationCallback(Callback):
         """Prepare ``pl_module`` in place (idempotent), continuing the step count of the palettizer that prepared it."""
         if self.palettizer is None or self.palettizer.model is not pl_module:
             self.palettizer = DKMPalettizer(pl_module, self.config)
-            earlier = _PALETTIZERS.get(pl_module)
-            if earlier is not None and _is_prepared(pl_module):
+            earlier = PALETTIZERS.get(pl_module)
+            if earlier is not None and is_prepared(pl_module):
                 self.palettizer.step_count = earlier.step_count  # a second Trainer on a still-prepared module
-            elif _is_prepared(pl_module) and self._pending_step_count is None:
-                _check_untracked(pl_module)
+            elif is_prepared(pl_module) and self._pending_step_count is None:
+                check_untracked(pl_module)
         if self._pending_step_count is not None:
             self.palettizer.step_count = self._pending_step_count
             self._pending_step_count = None
@@ -220,8 +169,8 @@ class DKMPalettizationCallback(Callback):
         self.palettizer.prepare(inplace=True)  # idempotent: prepared weights are left alone
         self._added.update({name: records_of(module).get(param_name)
                             for name, module, param_name, _ in fake_palettizers(pl_module) if name not in before})
-        _PALETTIZERS[pl_module] = self.palettizer
-        if warn_if_empty and not _is_prepared(pl_module):
+        PALETTIZERS[pl_module] = self.palettizer
+        if warn_if_empty and not is_prepared(pl_module):
             rank_zero_warn("DKMPalettizationCallback: the config selects no weight of this module; nothing will be "
                            "palettized (check weight_threshold and the module configs).")
 
@@ -307,7 +256,7 @@ class DKMPalettizationCallback(Callback):
                     self.export_paths = self.export(pl_module)
                 except Exception as err:  # noqa: BLE001 - every rank raises it below
                     error = err
-            _raise_on_every_rank(trainer, error, f"the export to {str(self.export_dir)!r} failed on global rank 0")
+            raise_on_every_rank(trainer, error, f"the export to {str(self.export_dir)!r} failed on global rank 0")
 
     def _copy_rank_zero_state(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         """All ranks finalize from rank 0's DKM buffers, so every rank holds the same LUTs."""
@@ -346,7 +295,7 @@ class DKMPalettizationCallback(Callback):
         A fit that fails before training starts (e.g. a ``ckpt_path`` that does not exist) takes back what this
         ``setup`` prepared, so a finalized module stays finalized."""
         if self._added:
-            _unprepare(pl_module, self._added)
+            unprepare(pl_module, self._added)
             self._added = {}
             return
         if self.palettizer is not None and not self.finalized:
