@@ -25,6 +25,7 @@ ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 300
 CT_TIMEOUT_S = 1200
 N_STEPS = 5
+CT_HEADLINE = {(1024, 2), (1024, 3), (1024, 4), (2048, 4)}  # coremltools cells run by default
 BATCH = 64
 
 
@@ -217,10 +218,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the d=1024 4-bit headline, both implementations")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "README.md"))
-    ap.add_argument("--all-ct", action="store_true", help="also run coremltools at 8 bits (its init takes >10 min)")
+    ap.add_argument("--all-ct", action="store_true",
+                    help="also run coremltools at 4M weights and 2/3 bits, 6/8 bits and vectors (hours)")
     ap.add_argument("--no-ct", action="store_true", help="skip coremltools entirely (ours only)")
     ap.add_argument("--ptq-from", help="include this saved post_training_mse.py output instead of re-running it")
     ap.add_argument("--no-ptq", action="store_true", help="skip running post_training_mse.py")
+    ap.add_argument("--binned-error-from", help="include this saved binned_error.py output instead of re-running it")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -247,29 +250,60 @@ def main():
         return get(k, impl="ours", d=d, bits=bits, cd=cd, dtype=dtype, extra=extra)
 
     def ct(d, bits=4, cd=1):
-        if args.no_ct or (bits == 8 and not args.all_ct):
-            return {"error": "not run (--all-ct)"}
+        if args.no_ct:
+            return {"error": "not run (--no-ct)"}
         return get(("ct", d, bits, cd), impl="coremltools", d=d, bits=bits, cd=cd, extra=ct_init(d),
                    timeout=CT_TIMEOUT_S)
 
     sections = []
     head_ds = [1024] if args.quick else [1024, 2048]
-    head = [(f"d={d} ({d * d / 2**20:.0f}M weights), 4-bit", ours(d), ct(d), plain(d)) for d in head_ds]
-    sections.append("## Headline: d x d Linear, 4-bit, cluster_dim=1\n\n" + cmp_table(head, "case"))
+    head_bits = [4] if args.quick else [2, 3, 4]
+    rows = []
+    for d in head_ds:
+        for b in head_bits:
+            o, bn, pl = ours(d, bits=b), ours(d, bits=b, dkm_impl="binned"), plain(d)
+            c = ct(d, bits=b) if (d, b) in CT_HEADLINE or args.all_ct else {"error": "not run (--all-ct)"}
+            rows.append(
+                f"| {d * d / 2**20:.0f}M | {b} | {cell(pl, 'step_s', fs)} | {cell(o, 'step_s', fs)} "
+                f"| {cell(bn, 'step_s', fs)} | {fr(val(bn, 'step_s'), val(o, 'step_s'))} | {cell(c, 'step_s', fs)} "
+                f"| **{fr(val(o, 'step_s'), val(c, 'step_s'))}** | {cell(o, 'first_s', fs)} | {cell(c, 'first_s', fs)} "
+                f"| {cell(o, 'extra_mib', fm)} | {cell(c, 'extra_mib', fm)} |")
+    sections.append(
+        "## Headline: exact DKM against exact DKM (d x d Linear, cluster_dim=1)\n\n"
+        "Up to 4 bits the default (`dkm_impl=\"auto\"`) is exact: the fused CPU kernels, which match the "
+        "plain-autograd reference (tests/test_dkm_engines.py). coremltools' DKM is exact too, so *ct / ours* is "
+        "both the exact-vs-exact and the default-vs-default ratio here. *binned* is the bounded approximation "
+        "(`dkm_impl=\"binned\"`), the previous default, for comparison; *exact / binned* > 1 means exact is "
+        "slower.\n\n"
+        "| weights | bits | plain step | ours exact (default) step | ours binned step | exact / binned "
+        "| ct step (exact) | ct / ours | ours first step | ct first step | ours extra peak | ct extra peak |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
     scaling = []
     if not args.quick:
-        rows = [(f"{b}-bit", ours(1024, bits=b), ct(1024, bits=b), plain(1024)) for b in (2, 4, 6, 8)]
-        sections.append("## Bit width (d=1024, cluster_dim=1)\n\n" + cmp_table(rows, "n_bits"))
+        rows = []
+        for b in (6, 8):
+            o, ex, pl = ours(1024, bits=b), ours(1024, bits=b, dkm_impl="dense"), plain(1024)
+            c = ct(1024, bits=b) if args.all_ct else {"error": "not run (--all-ct)"}
+            rows.append(
+                f"| {b} | {cell(pl, 'step_s', fs)} | {cell(o, 'step_s', fs)} | {cell(ex, 'step_s', fs)} "
+                f"| {cell(c, 'step_s', fs)} | {fr(val(o, 'step_s'), val(c, 'step_s'))} "
+                f"| {fr(val(ex, 'step_s'), val(c, 'step_s'))} | {cell(o, 'extra_mib', fm)} "
+                f"| {cell(ex, 'extra_mib', fm)} | {cell(c, 'extra_mib', fm)} |")
+        sections.append(
+            "## 6 and 8 bits (d=1024, 1M weights, cluster_dim=1)\n\n"
+            "The default here is the binned DKM with the grid chosen for the error bound (forward <= 1e-6, gradient "
+            "<= 1e-3 relative; table below), when that grid is smaller than the weights; *exact* is "
+            "`dkm_impl=\"dense\"` (the fused kernels). *ct / default* compares defaults, *ct / exact* exact with "
+            "exact.\n\n"
+            "| bits | plain step | ours default (binned) step | ours exact step | ct step (exact) | ct / default "
+            "| ct / exact | ours default extra peak | ours exact extra peak | ct extra peak |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
-        rows = [(f"cluster_dim={cd}", ours(1024, cd=cd), ct(1024, cd=cd), plain(1024)) for cd in (1, 2, 4)]
-        sections.append("## Vector palettization (d=1024, 4-bit; ours runs the exact dense DKM for vectors)\n\n"
+        rows = [(f"cluster_dim={cd}", ours(1024, cd=cd), ct(1024, cd=cd) if args.all_ct else None, plain(1024))
+                for cd in (2, 4)]
+        sections.append("## Vector palettization (d=1024, 4-bit; exact chunked torch DKM)\n\n"
                         + cmp_table(rows, "cluster_dim"))
-
-        rows = [("fp32 weights, `dkm_impl=\"dense\"` (exact)", ours(1024, dkm_impl="dense"), ct(1024), plain(1024)),
-                ("bf16 weights, default (binned, exact for bf16)", ours(1024, dtype="bfloat16"), None,
-                 plain(1024, "bfloat16"))]
-        sections.append("## Exact modes (d=1024, 4-bit)\n\n" + cmp_table(rows, "case"))
 
         lines = [
             "| d | weights | plain step | ours first step | ours step | step / plain | ours extra peak "
@@ -287,17 +321,20 @@ def main():
                 f"| {cell(o, 'step_s', fs)} | {fr(val(pl, 'step_s'), val(o, 'step_s'))} | {cell(o, 'extra_mib', fm)} "
                 f"| {per_t} | {per_m} |"
             )
-        sections.append("## Scaling, ours (4-bit, default settings)\n\n![scaling](scaling.png)\n\n" + "\n".join(lines))
+        sections.append("## Scaling, ours (4-bit, default settings: exact)\n\n![scaling](scaling.png)\n\n"
+                        + "\n".join(lines))
 
         lines = ["| palett_max_mem | ours first step | ours step | ours extra peak |", "|---|---|---|---|"]
         for pm in (1e-4, 1e-3, 1e-2, 1.0):
-            o = ours(1024, dkm_impl="dense", palett_max_mem=pm)
+            o = ours(1024, cd=2, palett_max_mem=pm)
             lines.append(f"| {pm:g} | {cell(o, 'first_s', fs)} | {cell(o, 'step_s', fs)} | {cell(o, 'extra_mib', fm)} |")
         sections.append(
-            "## `palett_max_mem`, ours `dkm_impl=\"dense\"` (d=1024, 4-bit)\n\n"
+            "## `palett_max_mem`, ours, vectors (d=1024, 4-bit, cluster_dim=2)\n\n"
             "The budget is `palett_max_mem x` available memory (MemAvailable on CPU, free memory on CUDA). Half of "
-            "it bounds the chunk working set (rows x K distance/attention blocks), the other half the attention "
-            "kept from forward for backward (recomputed chunk by chunk when it does not fit).\n\n" + "\n".join(lines))
+            "it bounds the chunk working set of the torch DKM (rows x K distance/attention blocks), the other half "
+            "the attention kept from forward for backward (recomputed chunk by chunk when it does not fit). The "
+            "fused scalar kernels work in fixed 256-point blocks and keep nothing for backward, so the budget does "
+            "not apply to them.\n\n" + "\n".join(lines))
 
     if scaling:
         plot_scaling(scaling)
@@ -313,6 +350,14 @@ def main():
             ptq = out.stdout.strip() if out.returncode == 0 else f"failed rc={out.returncode}"
         except subprocess.TimeoutExpired:
             ptq = None
+    binned_error = None
+    if args.binned_error_from:
+        with open(args.binned_error_from) as f:
+            binned_error = f.read().strip()
+    elif not args.quick:
+        out = subprocess.run([sys.executable, os.path.join(HERE, "binned_error.py")], capture_output=True, text=True,
+                             timeout=1800)
+        binned_error = out.stdout.strip() if out.returncode == 0 else f"failed rc={out.returncode}"
     saved = {}
     for name in ("charlm_binned_vs_exact", "sensitivity_charlm"):
         path = os.path.join(HERE, "results", name + ".md")
@@ -335,9 +380,11 @@ def main():
         "",
         "Model `Linear(d,d) -> ReLU -> Linear(d,10)`, batch 64, SGD(momentum 0.9); only the first Linear is "
         "palettized (`weight_threshold=d*d-1`). ours = `dkm_palett.DKMPalettizer` with default settings unless "
-        "stated (`dkm_impl=\"auto\"`: the binned DKM for scalar LUTs on large weights); ct = "
+        "stated (`dkm_impl=\"auto\"`: exact fused kernels for scalar LUTs up to 4 bits, the bounded binned DKM "
+        "above where its grid is small enough, exact otherwise); ct = "
         "`coremltools.optimize.torch.palettization.DKMPalettizer`; both get the same config arguments. Every cell "
-        "is its own subprocess, run one after another in the same invocation. *first step* includes k-means "
+        "is its own subprocess, run one after another in the same invocation, on a machine shared with other "
+        "developers' jobs (timings are noisy; compare ratios within one run). *first step* includes k-means "
         f"initialisation; *step* is the median of the next {N_STEPS} full training steps (forward, backward, "
         "optimizer step, `palettizer.step()`). *extra peak* = growth of peak RSS (`ru_maxrss`) from just before "
         "`prepare()` (libraries imported: coremltools, or dkm_palett and numba; one plain warm-up step done) to the end, so it includes initialisation. "
@@ -347,6 +394,12 @@ def main():
         "",
         *[s + "\n" for s in sections],
     ]
+    if binned_error:
+        doc += ["## Error of the binned DKM (fp32)", "",
+                "`python benchmarks/binned_error.py`: the grid `dkm_impl=\"binned\"` (and `auto` at 6-8 bits) uses, "
+                "from tau and the largest gap between centroids, against the float64 reference. Where the grid "
+                "would not be smaller than the weights (grid / weights >= 0.25), `auto` runs the exact DKM "
+                "instead.", "", binned_error, ""]
     if not args.quick:
         doc += ["## Post-training palettization", "", "`python benchmarks/post_training_mse.py` (default args):", ""]
         doc += [ptq if ptq else "Not run; run it directly.", ""]

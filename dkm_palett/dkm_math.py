@@ -7,18 +7,10 @@ One iteration: ``A = softmax(-||x - c||^2 / tau)``, ``C' = A^T X / sum(A)``; aft
 * :class:`PointDKM`: the engine. DKM on weighted points with a hand-written backward, in chunks of rows, so the
   working set is ``rows x K`` (bounded by ``palett_max_mem``); the forward's attention is kept for backward
   only when it fits the budget, otherwise recomputed chunk by chunk.
-* :class:`DenseDKM`: exact DKM, every weight vector is a point (any ``cluster_dim``).
-* :class:`BinnedDKM`: scalar LUTs in O(N) time and memory plus O(bins x K):
+* :class:`DenseDKM`: exact DKM, every weight vector is a point (any ``cluster_dim``, any device).
 
-  - fp16/bf16 weights: one bin per distinct value (found from the bit patterns), which is exact;
-  - fp32 weights: a uniform grid of ``bins`` points per group (capped so ``bins x K <= 2^20``). Each weight
-    is spread over its two neighbouring grid points with linear (hat) weights, so the centroid sums use the
-    linear interpolant of the attention, and the output interpolates the per-bin table linearly. For a grid
-    step ``delta``, the forward error is at most ``delta^2 / 8 * max|f''|`` for the attention and output
-    functions ``f`` (second order); the weight gradient is the exact gradient of that interpolated model, within
-    ``O(delta)`` of the exact one. Measured (tests/test_dkm_core.py): 16384 bins give about 1e-7 relative
-    forward error and 1e-4 gradient error on 1M weights; the per-bin work runs in float64, so only the binning
-    approximates.
+The exact fused CPU kernels for scalar LUTs live in :mod:`dkm_palett.dkm_fused`, the histogram DKM (exact for
+fp16/bf16, bounded for fp32) in :mod:`dkm_palett.dkm_binned`.
 """
 
 from __future__ import annotations
@@ -84,6 +76,18 @@ def finish_update(s: torch.Tensor, z: torch.Tensor, c_prev: torch.Tensor, p: DKM
     z = z.unsqueeze(-1)
     c_new = torch.where(z > 1e-12, s / z.clamp_min(1e-12), c_prev)
     return pin_zero(c_new, p)
+
+
+def update_backward(g_c: torch.Tensor, s: torch.Tensor, z: torch.Tensor, c_next: torch.Tensor, p: DKMParams):
+    """Backward of :func:`finish_update` given ``dL/dC'`` ``(G,K,D)``: ``(dL/dS (G,K,D), dL/dZ (G,K,1), dL/dC_prev)``
+    (``C_prev`` only through empty centroids)."""
+    g_c = pin_zero(g_c, p)
+    filled = z > 1e-12
+    zs = z.clamp_min(1e-12)
+    g_s = torch.where(filled.unsqueeze(-1), g_c / zs.unsqueeze(-1), torch.zeros_like(g_c))
+    g_z = torch.where(filled, -(g_c * c_next).sum(-1) / zs, torch.zeros_like(z)).unsqueeze(-1)
+    g_prev = torch.where(filled.unsqueeze(-1), torch.zeros_like(g_c), g_c)
+    return g_s, g_z, g_prev
 
 
 def pin_zero(c: torch.Tensor, p: DKMParams) -> torch.Tensor:
@@ -276,14 +280,9 @@ class PointDKM:
         g_h1 = None if implicit else torch.zeros_like(self.h1)
         g_e = torch.zeros_like(self.e) if (want_e or implicit) else None
         for t in range(self.iters - 1, -1, -1):
-            c, c_next = self.cs[t], self.cs[t + 1]
+            c = self.cs[t]
             s, z = self.sums[t]
-            g_c = pin_zero(g_c, p)
-            filled = z > 1e-12
-            zs = z.clamp_min(1e-12)
-            g_s = torch.where(filled.unsqueeze(-1), g_c / zs.unsqueeze(-1), torch.zeros_like(g_c))
-            g_z = torch.where(filled, -(g_c * c_next).sum(-1) / zs, torch.zeros_like(z)).unsqueeze(-1)
-            g_prev = torch.where(filled.unsqueeze(-1), torch.zeros_like(g_c), g_c)
+            g_s, g_z, g_prev = update_backward(g_c, s, z, self.cs[t + 1], p)
             for start, sl in self._chunks():
                 lg, a = self._attention(sl, c, t, start)
                 r = robust_weights(lg, p.lam) if p.lam > 0 else None
@@ -335,138 +334,3 @@ class DenseDKM(torch.autograd.Function):
         ctx.engine = None
         _, _, g_own, g_iter = engine.backward(g_out, want_e=True)
         return g_own + g_iter, None, None, None, None
-
-
-# ------------------------------------------------------------------------------------- binned (scalars)
-
-
-def _grid_bins(x: torch.Tensor, bins: int):
-    """Linear binning of ``x (G, N)`` on a uniform grid of ``bins`` points per group.
-
-    Returns the flat int32 bin index of each weight's left grid point, its fraction ``f`` towards the right
-    one, and in float64 the grid ``(G, B)``, the step ``delta (G, 1)`` and the hat-function moments
-    ``h0 = sum phi_b(x)``, ``h1 = sum phi_b(x) x`` ``(G, B)``."""
-    groups = x.shape[0]
-    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
-    delta = ((hi - lo) / (bins - 1)).clamp_min(torch.finfo(x.dtype).tiny)
-    pos = (x - lo).div_(delta)  # >= 0, so truncation is floor
-    idx = pos.to(torch.int32).clamp_(0, bins - 2)
-    frac = pos.sub_(idx).clamp_(0, 1)
-    if groups > 1:
-        idx += torch.arange(groups, device=x.device, dtype=torch.int32).unsqueeze(1) * bins
-    idx = idx.reshape(-1)
-    size = groups * bins
-    fr = frac.reshape(-1)
-    cnt = torch.bincount(idx, minlength=size).reshape(groups, bins).to(torch.float64)
-    f1 = torch.bincount(idx, weights=fr, minlength=size).reshape(groups, bins).to(torch.float64)
-    f2 = torch.bincount(idx, weights=fr * fr, minlength=size).reshape(groups, bins).to(torch.float64)
-    grid = lo.double() + delta.double() * torch.arange(bins, device=x.device, dtype=torch.float64)
-    left = cnt - f1  # sum of (1 - f) at the left grid point
-    h0 = left + _shift(f1)
-    m = f1 - f2
-    h1 = grid * h0 + delta.double() * (m - _shift(m))  # sum of phi_b(x) x, with x = grid[i0] + f delta
-    return idx, frac, grid, delta.double(), h0, h1
-
-
-def grid_size(bins: int, n_clusters: int) -> int:
-    """Grid points per group: ``bins``, capped so the per-bin work (``bins x K`` per iteration) stays below 2^20."""
-    return int(min(bins, max(1024, (1 << 20) // n_clusters)))
-
-
-def _shift(t: torch.Tensor) -> torch.Tensor:
-    """``out[:, b] = t[:, b - 1]``, ``out[:, 0] = 0``."""
-    return torch.nn.functional.pad(t[:, :-1], (1, 0))
-
-
-def _step(t: torch.Tensor) -> torch.Tensor:
-    """``out[:, b] = t[:, b + 1] - t[:, b]``, ``out[:, -1] = 0``."""
-    return torch.nn.functional.pad(t[:, 1:] - t[:, :-1], (0, 1))
-
-
-def _value_bins(x: torch.Tensor, dtype: torch.dtype):
-    """One bin per distinct ``dtype`` (fp16/bf16) value, found from the bit patterns in O(N).
-
-    Returns the flat int32 bin index, the distinct values ``(U,)`` and the counts ``(G, U)``."""
-    groups = x.shape[0]
-    codes = x.to(dtype).view(torch.int16).to(torch.int32) + 32768
-    group_ids = torch.arange(groups, device=x.device, dtype=torch.int32).unsqueeze(1)
-    counts = torch.bincount((codes + group_ids * 65536).reshape(-1), minlength=groups * 65536).reshape(groups, 65536)
-    present = counts.sum(0) > 0
-    remap = torch.cumsum(present, 0, dtype=torch.int32) - 1
-    all_codes = torch.arange(-32768, 32768, device=x.device, dtype=torch.int32)
-    values = all_codes[present].to(torch.int16).view(dtype).to(x.dtype)
-    u = values.numel()
-    idx = remap[codes.long()] + group_ids * u
-    return idx.reshape(-1), values, counts[:, present].to(x.dtype)
-
-
-class BinnedDKM(torch.autograd.Function):
-    """Scalar DKM on a histogram of the weights (see the module docstring). ``x`` is ``(G, N, 1)``.
-
-    ``exact_dtype`` (torch.float16 / torch.bfloat16): the weights are values of that dtype, so bins hold one
-    distinct value each and the result is exact. Otherwise a uniform grid of ``bins`` points with linear
-    binning and linear interpolation."""
-
-    @staticmethod
-    def forward(ctx, x, c0, p: DKMParams, bins: int, exact_dtype: Optional[torch.dtype] = None, rows: int = 1 << 16):
-        xd = x.detach()[..., 0]
-        groups, n = xd.shape
-        f64 = torch.float64  # the per-bin work is small: do it in double so only the binning approximates
-        if exact_dtype is not None:
-            idx, values, counts = _value_bins(xd, exact_dtype)
-            e = values.to(f64).reshape(1, -1, 1).expand(groups, -1, 1).contiguous()
-            counts = counts.to(f64)
-            engine = PointDKM(e, counts, counts.unsqueeze(-1) * e, p, rows)
-            c = engine.run(c0.detach().to(f64))
-            tab = engine.table()[..., 0].to(xd.dtype)
-            out = tab.reshape(-1).index_select(0, idx).reshape(groups, n)
-            ctx.save_for_backward(idx)
-            ctx.state = (engine, None, None)
-        else:
-            idx, frac, grid, delta, h0, h1 = _grid_bins(xd, grid_size(bins, c0.shape[1]))
-            engine = PointDKM(grid.unsqueeze(-1), h0, h1.unsqueeze(-1), p, rows)
-            c = engine.run(c0.detach().to(f64))
-            tab = engine.table()[..., 0]
-            step = _step(tab)
-            out = tab.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n)
-            out.addcmul_(frac, step.to(xd.dtype).reshape(-1).index_select(0, idx).reshape(groups, n))
-            ctx.save_for_backward(idx, frac)
-            ctx.state = (engine, step / delta, delta)
-        c = c.to(xd.dtype)
-        ctx.mark_non_differentiable(c)
-        return out.unsqueeze(-1), c
-
-    @staticmethod
-    def backward(ctx, g_out, _g_c):
-        engine, slope, delta = ctx.state
-        ctx.state = None
-        g = g_out[..., 0]
-        groups, n = g.shape
-        shape = engine.e.shape[:2]
-        size = shape[0] * shape[1]
-
-        def per_weight(table: torch.Tensor) -> torch.Tensor:
-            return table.to(g.dtype).reshape(-1).index_select(0, idx).reshape(groups, n)
-
-        if slope is None:  # distinct values: dL/dx = g * T'(x) + (the bin's share of the centroid path)
-            (idx,) = ctx.saved_tensors
-            g_t = torch.bincount(idx, weights=g.reshape(-1), minlength=size).reshape(shape).double()
-            _, g_h1, _, g_e = engine.backward(g_t.unsqueeze(-1), want_e=True)
-            _, _, own = engine.table_backward(torch.ones_like(engine.e), want_e=True)
-            g_x = per_weight(own[..., 0]).mul_(g)
-            g_x += per_weight(g_h1[..., 0] + g_e[..., 0] / engine.h0.clamp_min(1))
-            return g_x.unsqueeze(-1), None, None, None, None, None
-        idx, frac = ctx.saved_tensors
-        g_left = torch.bincount(idx, weights=g.reshape(-1), minlength=size).reshape(shape).double()
-        g_right = torch.bincount(idx, weights=(g * frac).reshape(-1), minlength=size).reshape(shape).double()
-        g_t = g_left - g_right + _shift(g_right)
-        g_h0, g_h1, _, _ = engine.backward(g_t.unsqueeze(-1), want_e=False)
-        g_h1 = g_h1[..., 0]
-        dq, dp = _step(g_h1), _step(g_h0)
-        # x = grid[i0] + f delta; h0, h1 move with x through the hat weights (1 - f, f):
-        # dL/dx = g * slope + (dp + x dq) / delta + g_h1[i0] + f dq = g * slope + base + 2 f dq
-        base = (dp + engine.e[..., 0] * dq) / delta + g_h1
-        g_x = per_weight(slope).mul_(g)
-        g_x += per_weight(base)
-        g_x.addcmul_(frac, per_weight(dq), value=2.0)
-        return g_x.unsqueeze(-1), None, None, None, None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from typing import Optional
@@ -12,7 +13,8 @@ from torch import nn
 from dkm_palett import kmeans as km
 from dkm_palett import recompute
 from dkm_palett.config.training import ModuleDKMPalettizerConfig
-from dkm_palett.dkm_math import BinnedDKM, DenseDKM, DKMParams, chunk_rows
+from dkm_palett.dkm_binned import BinnedDKM, grid_points
+from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
 from dkm_palett.lut import (
     PalettizedTensor,
     broadcast_scale,
@@ -26,7 +28,10 @@ from dkm_palett.lut import (
 from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
 from dkm_palett.validation import check_finite
 
+MAX_GRID_ENTRIES = 1 << 24  # binned DKM: at most this many grid points over all LUTs (float64 per-bin arrays)
+FUSED_MAX_CLUSTERS = 17  # auto: exact fused kernels up to 4 bits (+ an extra centroid); measured in benchmarks/
 _INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weighted) points per LUT
+_log = logging.getLogger(__name__)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -114,15 +119,33 @@ class FakePalettize(nn.Module):
     def _budget(self, device: torch.device) -> float:
         return self.config.palett_max_mem * available_memory_bytes(device)
 
-    def use_binned(self, weight: torch.Tensor) -> bool:
+    def engine(self, weight: torch.Tensor, x: torch.Tensor, c0: torch.Tensor) -> tuple[str, int]:
+        """``(name, grid points)`` of the DKM implementation for this step: ``"fused"`` (exact, scalar ``dkm`` mode
+        on CPU), ``"dense"`` (exact, everything else), or ``"binned"`` (fp16/bf16 weights: exact; fp32: a grid of
+        ``grid points`` within the error bound of :func:`grid_points`). ``auto`` takes the exact fused kernels up to
+        ``FUSED_MAX_CLUSTERS`` centroids, the binned DKM above when its grid is at most ``dkm_bins`` points and
+        smaller than the weights per LUT, and exact DKM otherwise."""
         cfg = self.config
+        exact = "fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "dense"
         if self.spec.cluster_dim != 1 or cfg.palett_mode != "dkm":
-            return False
-        if cfg.dkm_impl == "binned":
-            return True
+            return "dense", 0
         if cfg.dkm_impl == "dense":
-            return False
-        return weight.numel() // self.centroids.shape[0] > cfg.dkm_bins or self._exact_dtype(weight) is not None
+            return exact, 0
+        if self._exact_dtype(weight) is not None:
+            return "binned", 0
+        bins = grid_points(x[..., 0], c0, cfg.palett_tau)
+        if cfg.dkm_impl == "binned":
+            cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
+            if bins > cap:
+                _log.warning("%s: dkm_impl='binned' needs %d grid points per LUT for its error bound; capped at %d "
+                             "(the bound may not hold). dkm_impl='auto' or 'dense' runs exact DKM here.",
+                             self.name, bins, cap)
+            return "binned", min(bins, cap)
+        if exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
+            return exact, 0
+        if bins <= min(cfg.dkm_bins, x.shape[1] // 4):
+            return "binned", bins
+        return exact, 0
 
     def _exact_dtype(self, weight: torch.Tensor) -> Optional[torch.dtype]:
         """fp16/bf16 weights (unscaled): the binned DKM then keeps one bin per distinct value and is exact."""
@@ -215,28 +238,33 @@ class FakePalettize(nn.Module):
         # palett_max_mem: half of the budget for the chunk working set, half for the attention cache
         budget = self._budget(x.device) / 2
         rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget, x.shape[0])
-        binned = self.use_binned(weight) and (self._exact_dtype(weight),)
-        out, c = self._dkm(x, c0, p, rows, budget, binned)
+        choice = self.engine(weight, x, c0)
+        out, c = self._dkm(x, c0, p, rows, budget, choice, weight)
         with torch.no_grad():
             self.centroids.copy_(c)
             self.steps += 1
             self.last_error.fill_(_rms_difference(out, x))
         result = self._finish_output(out, scale, weight.dtype)
         if self.recompute and torch.is_grad_enabled() and result.requires_grad:
-            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, binned))
+            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice))
         return result
 
-    def _dkm(self, x, c0, p: DKMParams, rows: int, budget: float, binned):
-        """One DKM forward; ``binned`` is False (dense) or ``(exact_dtype,)`` for the binned engine."""
-        if binned:
-            return BinnedDKM.apply(x, c0, p, self.config.dkm_bins, binned[0], rows)
+    def _dkm(self, x, c0, p: DKMParams, rows: int, budget: float, choice: tuple[str, int], weight: torch.Tensor):
+        """One DKM forward with the implementation ``choice`` from :meth:`engine`."""
+        name, bins = choice
+        if name == "fused":
+            from dkm_palett.dkm_fused import FusedDKM  # numba: imported (and compiled, or loaded from cache) on use
+
+            return FusedDKM.apply(x, c0, p)
+        if name == "binned":
+            return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows)
         return DenseDKM.apply(x, c0, p, rows, budget)
 
-    def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, binned) -> torch.Tensor:
+    def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, choice) -> torch.Tensor:
         """The training output of :meth:`_palettize` again, from the same weight and centroids (no updates): the
         saved-tensor hooks of :mod:`dkm_palett.recompute` call it in backward instead of keeping the output."""
         x, scale = self._prepare_input(weight.detach())
-        out, _ = self._dkm(x, c0, p, rows, 0.0, binned)
+        out, _ = self._dkm(x, c0, p, rows, 0.0, choice, weight)
         return self._finish_output(out, scale, weight.dtype)
 
     # ------------------------------------------------------------------------------------ finalize

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from dkm_palett import DKMPalettizer, DKMPalettizerConfig, FakePalettize, ModuleDKMPalettizerConfig
-from dkm_palett.dkm_math import BinnedDKM, DenseDKM, DKMParams, dkm_reference
+from dkm_palett.dkm_binned import BinnedDKM
+from dkm_palett.dkm_math import DenseDKM, DKMParams, dkm_reference
 from dkm_palett.lut import palettized_tensors
 from dkm_palett.palettizer import fake_palettizers
 
@@ -432,7 +433,7 @@ def test_palett_max_mem_bounds_chunk_rows():
 
 def test_binned_and_dense_training_agree():
     a, _ = palettize({"n_bits": 4, "dkm_impl": "dense"})
-    b, _ = palettize({"n_bits": 4, "dkm_impl": "binned", "dkm_bins": 65536})
+    b, _ = palettize({"n_bits": 4, "dkm_impl": "binned"})
     assert torch.allclose(lut_of(a), lut_of(b), atol=1e-4)
 
 
@@ -456,7 +457,9 @@ def test_half_precision_weights_take_the_exact_binned_path_and_match_dense():
         pal.prepare(inplace=True)
         fp = layer[0].parametrizations.weight[0]
         original = layer[0].parametrizations.weight.original
-        assert fp.use_binned(original) == (impl == "auto") and fp._exact_dtype(original) == torch.bfloat16
+        x, _ = fp._prepare_input(original)
+        assert fp.engine(original, x, fp.centroids)[0] == ("binned" if impl == "auto" else "fused")
+        assert fp._exact_dtype(original) == torch.bfloat16
         w = layer[0].weight
         (g,) = torch.autograd.grad((w.float() * torch.linspace(-1, 1, w.numel()).reshape(w.shape)).sum(), original)
         outputs[impl] = (w.detach().float(), g.float(), fp.centroids.clone())

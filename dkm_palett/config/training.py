@@ -33,8 +33,10 @@ class ModuleDKMPalettizerConfig(ConfigIO):
 
     Beyond coremltools: ``granularity``/``group_size`` (one LUT per group of output channels),
     ``enable_per_channel_scale``, ``lut_dtype`` (modern spelling of ``cluster_dtype``), and the speed controls
-    ``dkm_impl`` (``auto``: binned for scalar LUTs on large tensors, ``dense``: exact DKM on every weight,
-    ``binned``) and ``dkm_bins``.
+    ``dkm_impl`` (``dense``: exact DKM on every weight, fused kernels for scalar LUTs on CPU; ``binned``: scalar
+    LUTs on a grid chosen from tau and the centroid spacing for a bounded error; ``auto``: exact up to 4 bits, binned
+    above where its grid has at most ``dkm_bins`` points and at most a quarter as many as the weights per LUT, else
+    exact) and ``dkm_bins``.
     """
 
     n_bits: Optional[int] = None
@@ -65,7 +67,7 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     enable_per_channel_scale: bool = False
     lut_dtype: Optional[str] = None
     dkm_impl: str = "auto"
-    dkm_bins: int = 16384
+    dkm_bins: int = 65536
 
     def __post_init__(self):
         self._check_schedule()

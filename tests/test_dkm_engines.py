@@ -1,0 +1,212 @@
+"""The DKM engines against the plain-autograd reference: the exact fused kernels, and the binned DKM's error bound
+on weights of every scale."""
+
+import pytest
+import torch
+from torch import nn
+
+from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
+from dkm_palett import dkm_binned
+from dkm_palett.dkm_binned import BinnedDKM, grid_points
+from dkm_palett.dkm_fused import FusedDKM
+from dkm_palett.dkm_math import DenseDKM, DKMParams, dkm_reference
+from dkm_palett.lut import channel_scale
+
+
+def rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+def reference(x, c0, p, g):
+    """Output, centroids and weight gradient of the float64 reference for float32 weights ``x``."""
+    xr = x.double().requires_grad_()
+    out, c = dkm_reference(xr, c0.double(), p)
+    (gx,) = torch.autograd.grad(out, xr, g.double())
+    return out, c, gx
+
+
+def run(fn, x, g):
+    x2 = x.clone().requires_grad_()
+    out, c = fn(x2)
+    (gx,) = torch.autograd.grad(out, x2, g)
+    return out, c, gx
+
+
+# ----------------------------------------------------------------------------------------- fused (exact)
+
+
+@pytest.mark.parametrize("groups,k,lam,zero,lut_dtype,max_iter", [
+    (1, 16, 0.0, None, "f32", 3),   # plain dkm, 4 bits
+    (3, 4, 0.0, None, "f32", 2),    # grouped LUTs, 2 bits
+    (2, 8, 0.4, None, "f32", 3),    # palett_lambda
+    (2, 9, 0.0, 4, "f32", 3),       # pinned zero (enforce_zero / extra centroid)
+    (1, 16, 0.2, 0, "i8", 1),     # quantized LUT, lambda and pinned zero together
+])
+def test_fused_matches_reference(groups, k, lam, zero, lut_dtype, max_iter):
+    torch.manual_seed(0)
+    x = torch.randn(groups, 40000 // groups + 17, 1) * 0.02  # not a multiple of the block size
+    c0 = torch.sort(torch.randn(groups, k, 1) * 0.02, dim=1)[0]
+    p = DKMParams(tau=1e-4, max_iter=max_iter, epsilon=0.0, lam=lam, zero_index=zero, lut_dtype=lut_dtype)
+    g = torch.randn_like(x)
+    out, c, gx = reference(x, c0, p, g)
+    out2, c2, gx2 = run(lambda v: FusedDKM.apply(v, c0, p), x, g)
+    # float32 kernels against the float64 reference: float32-rounding-level differences only
+    assert rel(out2, out) <= 1e-6
+    assert rel(c2, c) <= 1e-6
+    assert rel(gx2, gx) <= 5e-6
+    if zero is not None:
+        assert (c2[:, zero] == 0).all()
+
+
+def test_fused_stops_early_like_the_reference():
+    torch.manual_seed(1)
+    x = torch.randn(1, 5000, 1) * 0.02
+    c0 = torch.sort(torch.randn(1, 8, 1) * 0.02, dim=1)[0]
+    p = DKMParams(tau=1e-4, max_iter=10, epsilon=1e-5)
+    g = torch.randn_like(x)
+    out, c, gx = reference(x, c0, p, g)
+    out2, c2, gx2 = run(lambda v: FusedDKM.apply(v, c0, p), x, g)
+    assert rel(out2, out) <= 1e-6 and rel(c2, c) <= 1e-6 and rel(gx2, gx) <= 5e-6
+
+
+def test_fused_is_exact_where_the_attention_is_sharp():
+    """Weights over [-1, 1] (per-channel scales): most attention terms underflow, the exponential must not."""
+    torch.manual_seed(2)
+    x = torch.rand(1, 30000, 1) * 2 - 1
+    c0 = torch.linspace(-0.9, 0.9, 16).reshape(1, 16, 1)
+    p = DKMParams(tau=1e-2, max_iter=2, epsilon=0.0)
+    g = torch.randn_like(x)
+    out, c, gx = reference(x, c0, p, g)
+    out2, c2, gx2 = run(lambda v: FusedDKM.apply(v, c0, p), x, g)
+    assert rel(out2, out) <= 1e-6 and rel(c2, c) <= 1e-6 and rel(gx2, gx) <= 5e-6
+
+
+def test_fused_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(3)
+    x = torch.randn(2, 70000, 1) * 0.02
+    c0 = torch.sort(torch.randn(2, 16, 1) * 0.02, dim=1)[0]
+    p = DKMParams(tau=1e-4, max_iter=2, epsilon=0.0, lam=0.1)
+    g = torch.randn_like(x)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(run(lambda v: FusedDKM.apply(v, c0, p), x, g))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------- binned (bounded)
+
+
+def _weights(kind, n):
+    if kind == "normal":
+        return torch.randn(1, n) * 0.02
+    if kind == "uniform":
+        return torch.rand(1, n) * 2 - 1
+    if kind == "student_t3":
+        return torch.distributions.StudentT(3.0).sample((1, n)) * 0.02
+    # per-channel scaled: channels over three decades, divided by their scale as enable_per_channel_scale does
+    w = torch.randn(100, n // 100) * torch.logspace(-3, 0, 100).unsqueeze(1)
+    return (w / channel_scale(w, 0).unsqueeze(1)).reshape(1, n)
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform", "student_t3", "per_channel_scaled"])
+@pytest.mark.parametrize("k", [64, 256])
+def test_binned_grid_meets_the_error_bound_at_every_scale(kind, k):
+    torch.manual_seed(4)
+    x = _weights(kind, 20000).unsqueeze(-1)
+    c0 = torch.quantile(x[0, :, 0].double(), torch.linspace(0.01, 0.99, k, dtype=torch.float64)).float()
+    c0 = c0.reshape(1, k, 1)
+    p = DKMParams(tau=1e-4, max_iter=2, epsilon=0.0)
+    g = torch.randn_like(x)
+    out, c, gx = reference(x, c0, p, g)
+    bins = grid_points(x[..., 0], c0, p.tau)
+    out2, c2, gx2 = run(lambda v: BinnedDKM.apply(v, c0, p, bins, None), x, g)
+    assert rel(out2, out) <= 1e-6
+    assert rel(gx2, gx) <= 1e-3
+
+
+@pytest.mark.parametrize("groups,zero", [(4, None), (1, 3), (3, 0)])
+def test_binned_bound_holds_for_grouped_luts_and_a_pinned_zero(groups, zero):
+    torch.manual_seed(5)
+    scale = torch.logspace(0, 0.5, groups).reshape(-1, 1, 1)
+    x = torch.randn(groups, 4000, 1) * 0.02 * scale
+    c0 = torch.sort(torch.randn(groups, 64, 1) * 0.02, dim=1)[0] * scale
+    if zero is not None:
+        c0[:, zero] = 0
+    p = DKMParams(tau=1e-4, max_iter=2, epsilon=0.0, zero_index=zero)
+    g = torch.randn_like(x)
+    out, c, gx = reference(x, c0, p, g)
+    out2, c2, gx2 = run(lambda v: BinnedDKM.apply(v, c0, p, grid_points(x[..., 0], c0, p.tau), None), x, g)
+    assert rel(out2, out) <= 1e-6 and rel(gx2, gx) <= 1e-3
+
+
+def test_binned_backward_recomputes_the_forward_bins_and_keeps_nothing_per_weight(monkeypatch):
+    """The backward recomputes each weight's bin and fraction from the weight, bit-identical to the forward's, and
+    the autograd graph holds only the weight itself."""
+    calls = []
+
+    def recording(*args):
+        result = dkm_binned._grid_coords_impl(*args)
+        calls.append(result)
+        return result
+
+    monkeypatch.setattr(dkm_binned, "COORD_CHUNK", 1024)  # several chunks
+    monkeypatch.setattr(dkm_binned, "_grid_coords_impl", dkm_binned._grid_coords, raising=False)
+    monkeypatch.setattr(dkm_binned, "_grid_coords", recording)
+    torch.manual_seed(6)
+    x = (torch.randn(2, 3000, 1) * 0.02).requires_grad_()
+    c0 = torch.sort(torch.randn(2, 64, 1) * 0.02, dim=1)[0]
+    p = DKMParams(tau=1e-4, max_iter=2, epsilon=0.0)
+    out, _ = BinnedDKM.apply(x, c0, p, grid_points(x.detach()[..., 0], c0, p.tau), None)
+    assert [t.data_ptr() for t in out.grad_fn.saved_tensors] == [x.data_ptr()]
+    forward_calls = len(calls)
+    out.backward(torch.randn_like(out))
+    chunks = 3000 // 512 + 1
+    assert forward_calls == 2 * chunks and len(calls) == 4 * chunks  # moments + output; two backward sweeps
+    for i in range(len(calls)):
+        idx, frac = calls[i]
+        ref_idx, ref_frac = calls[i % chunks]
+        assert torch.equal(idx, ref_idx) and torch.equal(frac, ref_frac)
+
+
+# ----------------------------------------------------------------------------------------- the layer's choice
+
+
+def _layer_engine(n_bits, impl, scale=0.02, in_features=512, **kw):
+    torch.manual_seed(7)
+    layer = nn.Sequential(nn.Linear(in_features, 256))
+    with torch.no_grad():
+        layer[0].weight.normal_(0, scale)
+    cfg = ModuleDKMPalettizerConfig(n_bits=n_bits, weight_threshold=0, dkm_impl=impl, **kw)
+    DKMPalettizer(layer, DKMPalettizerConfig(global_config=cfg)).prepare(inplace=True)
+    fp = layer[0].parametrizations.weight[0]
+    original = layer[0].parametrizations.weight.original
+    layer.train()
+    layer[0].weight  # initialises the centroids
+    x, _ = fp._prepare_input(original.detach())
+    return fp.engine(original, x, fp.centroids)
+
+
+def test_auto_runs_exact_fused_dkm_up_to_4_bits_and_bounded_binned_above():
+    assert _layer_engine(4, "auto")[0] == "fused"
+    assert _layer_engine(2, "auto")[0] == "fused"
+    assert _layer_engine(4, "dense")[0] == "fused"
+    name, bins = _layer_engine(6, "auto", in_features=2048)
+    assert name == "binned" and 16 < bins <= 2048 * 256 // 4
+    assert _layer_engine(4, "auto", cluster_dim=2)[0] == "dense"
+    assert _layer_engine(4, "auto", palett_mode="gsm")[0] == "dense"
+
+
+def test_auto_falls_back_to_exact_where_the_grid_would_be_too_fine(caplog):
+    """Weights of std 1 at 6 bits: the bound needs a grid with more points than weights, so auto runs exact DKM;
+    on request the binned DKM caps the grid and says so."""
+    assert _layer_engine(6, "auto", scale=1.0)[0] == "fused"
+    with caplog.at_level("WARNING"):
+        name, bins = _layer_engine(6, "binned", scale=1.0)
+    assert name == "binned" and bins == 1 << 24
+    assert "capped" in caplog.text and "dkm_impl='auto' or 'dense'" in caplog.text
