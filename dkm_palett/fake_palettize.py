@@ -25,6 +25,7 @@ from dkm_palett.lut import (
     round_lut,
     to_grouped_vectors,
 )
+from dkm_palett.progress import LayerProgress
 from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
 from dkm_palett.validation import check_finite
 
@@ -82,6 +83,7 @@ class FakePalettize(nn.Module):
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_error", torch.tensor(float("nan")))
         self._seed = zlib.crc32(name.encode())
+        self.init_progress: Optional[LayerProgress] = None  # set by DKMPalettizer: one bar over the layers' inits
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -175,6 +177,8 @@ class FakePalettize(nn.Module):
             self.zero_index.fill_(0)
         self.centroids.copy_(out.to(self.centroids.device))
         self.initialized.fill_(True)
+        if self.init_progress is not None:
+            self.init_progress.update(self.name)
 
     def _init_method(self, dim: int) -> str:
         """The :func:`dkm_palett.kmeans.kmeans` method for ``kmeans_init`` (coremltools' names for k-means++

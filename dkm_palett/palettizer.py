@@ -14,6 +14,7 @@ from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerC
 from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.lut import attach, palettized_tensors, records_of
 from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
+from dkm_palett.progress import LayerProgress, progress_bar, show_progress
 from dkm_palett.report import Report, record_stats
 
 
@@ -37,13 +38,18 @@ def fake_palettizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Fa
 
 
 class DKMPalettizer:
-    """Palettize a model with DKM: ``prepare`` -> train with ``step()`` per batch -> ``finalize`` -> ``report``."""
+    """Palettize a model with DKM: ``prepare`` -> train with ``step()`` per batch -> ``finalize`` -> ``report``.
 
-    def __init__(self, model: nn.Module, config: Any = None):
+    ``progress``: a bar over the layers' k-means initialisation (which runs in the first forward after a layer's
+    milestone) and over ``finalize``; ``None`` shows them in interactive sessions only (see ``dkm_palett.progress``).
+    """
+
+    def __init__(self, model: nn.Module, config: Any = None, progress: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.model = model
         self.config: DKMPalettizerConfig = load_dkm_config(config)
+        self.show_progress = show_progress(progress)
         self.step_count = 0
         self.skipped: dict[str, str] = {}
         self._final_stats: dict[str, dict] = {}
@@ -124,8 +130,17 @@ class DKMPalettizer:
         self._sync_enabled()
 
     def _sync_enabled(self) -> None:
-        for _, _, _, fp in fake_palettizers(self.model):
+        layers = [fp for _, _, _, fp in fake_palettizers(self.model)]
+        for fp in layers:
             fp.enabled.fill_(self.step_count >= fp.config.milestone)
+        if not self.show_progress:
+            return
+        pending = [fp for fp in layers if fp.init_progress is None and self.step_count >= fp.config.milestone
+                   and not bool(fp.initialized)]
+        if pending:  # these initialise in their next forward
+            bar = LayerProgress(len(pending), "DKM k-means init", progress=True)
+            for fp in pending:
+                fp.init_progress = bar
 
     def state_dict(self) -> dict:
         return {"step_count": int(self.step_count)}
@@ -141,7 +156,8 @@ class DKMPalettizer:
         if not inplace:
             model = copy.deepcopy(model)
         self._final_stats = {}
-        for full, module, param_name, fp in list(fake_palettizers(model)):
+        layers = list(fake_palettizers(model))
+        for full, module, param_name, fp in progress_bar(layers, self.show_progress, "DKM finalize"):
             original = getattr(module.parametrizations, param_name).original.detach()
             record = fp.to_palettized(original)
             stats = record_stats(record, original)

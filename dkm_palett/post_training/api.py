@@ -20,6 +20,7 @@ from dkm_palett.post_training.jobs import (
     seed_base,
     skip_entry,
 )
+from dkm_palett.progress import show_progress
 from dkm_palett.validation import check_finite, check_int, check_type
 
 
@@ -86,22 +87,25 @@ def coreml_targets(model: nn.Module, config: OptimizationConfig, report: dict,
 
 
 def palettize_weights(model: nn.Module, config: Union[OptimizationConfig, OpPalettizerConfig, dict], *,
-                      inplace: bool = False, return_report: bool = False, num_workers: Optional[int] = None):
+                      inplace: bool = False, return_report: bool = False, num_workers: Optional[int] = None,
+                      progress: Optional[bool] = None):
     """Palettize ``model``'s supported weights after training, without data (coremltools ``palettize_weights``).
 
     Returns the palettized model (a deep copy unless ``inplace``), or ``(model, report)`` with
     ``return_report=True``: the report maps each supported weight's qualified name to a dict with ``status``
     (``palettized``/``skipped``), and either the LUT facts and ``mse`` or the ``reason`` it was skipped.
-    ``num_workers`` defaults to the largest ``num_kmeans_workers`` in the config.
+    ``num_workers`` defaults to the largest ``num_kmeans_workers`` in the config. ``progress``: a bar over the
+    weights (``None``: only in interactive sessions, see ``dkm_palett.progress``).
     """
     check_type("model", model, nn.Module)
+    show = show_progress(progress)
     config = as_optimization_config(config)
     _check_coreml_targets(model, config)
     if not inplace:
         model = copy.deepcopy(model)
     report: dict = {}
     targets, workers = coreml_targets(model, config, report)
-    execute(targets, report, num_workers if num_workers is not None else workers)
+    execute(targets, report, num_workers if num_workers is not None else workers, show)
     return (model, report) if return_report else model
 
 
@@ -155,12 +159,15 @@ class KMeansPalettizer:
     # prepare(example_inputs, ...) and finalize() keep the peer API's names and signatures (coreai_opt / coremltools
     # KMeansPalettizer), so code written for it runs unchanged: eager mode needs no example inputs, and the weights
     # are final after prepare.
-    def prepare(self, example_inputs: Any = None, num_workers: int = 1, inplace: bool = False) -> nn.Module:
-        """Palettize and return the model; ``num_workers > 1`` clusters weights in spawned worker processes."""
+    def prepare(self, example_inputs: Any = None, num_workers: int = 1, inplace: bool = False,
+                progress: Optional[bool] = None) -> nn.Module:
+        """Palettize and return the model; ``num_workers > 1`` clusters weights in spawned worker processes;
+        ``progress``: a bar over the weights (``None``: only in interactive sessions)."""
         check_int("num_workers", num_workers, minimum=1)
+        show = show_progress(progress)
         model = self.model if inplace else copy.deepcopy(self.model)
         self._report = {}
-        execute(self._targets(model), self._report, num_workers)
+        execute(self._targets(model), self._report, num_workers, show)
         self._prepared = model
         return model
 

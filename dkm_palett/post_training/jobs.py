@@ -13,6 +13,7 @@ from torch import nn
 
 from dkm_palett.lut import PalettizedTensor, attach
 from dkm_palett.post_training.clustering import cluster_weight
+from dkm_palett.progress import progress_bar
 from dkm_palett.spec import PalettizationSpec
 from dkm_palett.validation import check_int
 
@@ -42,16 +43,17 @@ def _worker_init() -> None:
 JobResult = tuple[Optional[PalettizedTensor], Optional[str]]
 
 
-def run_jobs(jobs: list[PalettizationJob], num_workers: int = 1) -> list[JobResult]:
+def run_jobs(jobs: list[PalettizationJob], num_workers: int = 1, progress: Optional[bool] = None) -> list[JobResult]:
     """Cluster every job, in ``num_workers`` spawned processes when > 1 (same results as sequential: each job
-    carries its own seed). Scripts using workers need the usual ``if __name__ == '__main__':`` guard."""
+    carries its own seed), with a bar over the weights (``progress``, see ``dkm_palett.progress``). Scripts using
+    workers need the usual ``if __name__ == '__main__':`` guard."""
     check_int("num_workers", num_workers, minimum=1)
     if num_workers == 1 or len(jobs) < 2:
-        return [_run_job(job) for job in jobs]
+        return [_run_job(job) for job in progress_bar(jobs, progress, "post-training k-means")]
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx,
                              initializer=_worker_init) as pool:
-        return list(pool.map(_run_job, jobs))
+        return list(progress_bar(pool.map(_run_job, jobs), progress, "post-training k-means", total=len(jobs)))
 
 
 def seed_base(specs: Iterable[PalettizationSpec]) -> int:
@@ -95,8 +97,8 @@ class Target:
         return self.job.name
 
 
-def execute(targets: list[Target], report: dict, num_workers: int) -> None:
-    results = run_jobs([t.job for t in targets], num_workers)
+def execute(targets: list[Target], report: dict, num_workers: int, progress: Optional[bool] = None) -> None:
+    results = run_jobs([t.job for t in targets], num_workers, progress)
     for target, (record, note) in zip(targets, results):
         param = getattr(target.module, target.param_name)
         if record is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -12,6 +13,7 @@ from dkm_palett.config.palettize_weights import OpPalettizerConfig, Optimization
 from dkm_palett.module_support import supported_params
 from dkm_palett.post_training.api import KMeansPalettizer, as_optimization_config, coreml_targets
 from dkm_palett.post_training.jobs import execute, full_name
+from dkm_palett.progress import progress_bar, show_progress
 from dkm_palett.validation import check_int, check_number
 
 
@@ -47,13 +49,17 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
         return names
 
     def compute_sensitivity(self, dataloader: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                            num_batches: Optional[int] = None) -> dict[str, torch.Tensor]:
+                            num_batches: Optional[int] = None, progress: Optional[bool] = None
+                            ) -> dict[str, torch.Tensor]:
         """Fisher diagonal (raw sums of squared gradients) for every weight to palettize.
         ``loss_fn(model, batch)`` returns a scalar loss.
         Runs in eval mode with ``torch.autograd.grad``: the model's weights, ``.grad``, ``requires_grad`` and
-        train/eval modes are as before afterwards."""
+        train/eval modes are as before afterwards. ``progress``: a bar over the calibration batches (``None``: only
+        in interactive sessions, see ``dkm_palett.progress``)."""
         if num_batches is not None:
             check_int("num_batches", num_batches, minimum=1)
+        show = show_progress(progress)
+        total = _batch_count(dataloader, num_batches)
         params = dict(self.model.named_parameters())
         names = self._names()
         missing = [n for n in names if n not in params]
@@ -69,9 +75,8 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
             for p in tensors:
                 p.requires_grad_(True)
             with torch.enable_grad():
-                for batch in dataloader:
-                    if num_batches is not None and seen >= num_batches:
-                        break
+                batches = dataloader if num_batches is None else itertools.islice(dataloader, num_batches)
+                for batch in progress_bar(batches, show, "sensitivity calibration", total=total, unit="batch"):
                     loss = loss_fn(self.model, batch)
                     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                         raise ValueError("loss_fn(model, batch) must return a scalar tensor.")
@@ -91,9 +96,12 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
         return self.sensitivities
 
     def compress(self, dataloader: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-                 num_batches: Optional[int] = None, num_workers: int = 1, inplace: bool = False) -> nn.Module:
-        """Compute sensitivities on the calibration data, then palettize with sensitivity-weighted k-means."""
-        self.compute_sensitivity(dataloader, loss_fn, num_batches)
+                 num_batches: Optional[int] = None, num_workers: int = 1, inplace: bool = False,
+                 progress: Optional[bool] = None) -> nn.Module:
+        """Compute sensitivities on the calibration data, then palettize with sensitivity-weighted k-means
+        (``progress``: bars over the calibration batches and the weights)."""
+        show = show_progress(progress)
+        self.compute_sensitivity(dataloader, loss_fn, num_batches, show)
         model = self.model if inplace else copy.deepcopy(self.model)
         self._report = {}
         importance = {n: _stabilize(f, self.damping) for n, f in self.sensitivities.items()}
@@ -101,9 +109,18 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
             targets = self._targets(model, importance)
         else:
             targets, _ = coreml_targets(model, self._coreml, self._report, importance)
-        execute(targets, self._report, num_workers)
+        execute(targets, self._report, num_workers, show)
         self._prepared = model
         return model
+
+
+def _batch_count(dataloader: Iterable, num_batches: Optional[int]) -> Optional[int]:
+    """Batches the calibration will see, when known (the bar's total)."""
+    try:
+        count = len(dataloader)
+    except TypeError:
+        return num_batches
+    return count if num_batches is None else min(count, num_batches)
 
 
 def _stabilize(fisher: torch.Tensor, damping: float) -> torch.Tensor:
