@@ -14,6 +14,7 @@ from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerC
 from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.lut import attach, palettized_tensors, records_of
 from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
+from dkm_palett.plots import weight_histogram
 from dkm_palett.progress import LayerProgress, progress_bar, show_progress
 from dkm_palett.report import Report, record_stats
 
@@ -53,6 +54,7 @@ class DKMPalettizer:
         self.step_count = 0
         self.skipped: dict[str, str] = {}
         self._final_stats: dict[str, dict] = {}
+        self._final_histograms: dict[str, tuple] = {}  # of the float weights, for Report.plot() after finalize
 
     # ------------------------------------------------------------------------------------ config resolution
     def module_config(self, name: str, module: nn.Module) -> tuple[Optional[ModuleDKMPalettizerConfig], bool]:
@@ -155,7 +157,7 @@ class DKMPalettizer:
         model = self.model if model is None else model
         if not inplace:
             model = copy.deepcopy(model)
-        self._final_stats = {}
+        self._final_stats, self._final_histograms = {}, {}
         layers = list(fake_palettizers(model))
         for full, module, param_name, fp in progress_bar(layers, self.show_progress, "DKM finalize"):
             original = getattr(module.parametrizations, param_name).original.detach()
@@ -163,6 +165,7 @@ class DKMPalettizer:
             stats = record_stats(record, original)
             stats.update(enabled=bool(fp.enabled), steps=int(fp.steps))
             self._final_stats[full] = stats
+            self._final_histograms[full] = weight_histogram(original, record)
             parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
             attach(module, param_name, record)
         for module in model.modules():
@@ -182,15 +185,20 @@ class DKMPalettizer:
 
     # ------------------------------------------------------------------------------------ report
     def report(self) -> Report:
-        """Per-weight statistics: clusters, cluster_dim, parameters, LUT dtype, bits, RMS clustering error."""
+        """Per-weight statistics: clusters, cluster_dim, parameters, LUT dtype, bits, RMS clustering error; prints
+        as a table, renders as HTML in Jupyter, ``report.plot()`` draws the weight histograms with the LUTs."""
         rows: dict[str, dict] = {}
+        records, histograms = {}, dict(self._final_histograms)
         for full, module, param_name, fp in fake_palettizers(self.model):
             original = getattr(module.parametrizations, param_name).original.detach()
-            stats = record_stats(fp.to_palettized(original), original)
+            records[full] = fp.to_palettized(original)
+            stats = record_stats(records[full], original)
             stats.update(enabled=bool(fp.enabled), steps=int(fp.steps))
             rows[full] = stats
+            histograms[full] = weight_histogram(original, records[full])
         for full, _, _, record in palettized_tensors(self.model):
             rows.setdefault(full, self._final_stats.get(full) or record_stats(record, None))
+            records.setdefault(full, record)
         for name, reason in self.skipped.items():
             rows[name] = {"palettized": False, "reason": reason}
-        return Report(rows)
+        return Report(rows, records, {k: v for k, v in histograms.items() if k in records})

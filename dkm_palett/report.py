@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from typing import Optional
 
 import torch
@@ -35,12 +36,24 @@ def record_stats(record: PalettizedTensor, original: Optional[torch.Tensor]) -> 
     return stats
 
 
+def _cell(value) -> str:
+    return f"{value:.3e}" if isinstance(value, float) else str(value)
+
+
 class Report(dict):
-    """``{weight name: stats}``; ``str(report)`` is a readable table."""
+    """``{weight name: stats}``; ``str(report)`` is a readable table, Jupyter renders it as an HTML table, and
+    ``plot()`` draws the weight histograms with the LUT entries. ``records`` (the palettized weights) and
+    ``histograms`` (of their float values, see :func:`dkm_palett.plots.weight_histogram`) feed ``plot()`` only."""
 
     COLUMNS = (("n_bits", "bits"), ("cluster_dim", "dim"), ("n_groups", "luts"), ("n_params", "params"),
                ("lut_dtype", "lut"), ("rms_error", "rms err"), ("relative_rms_error", "rel err"),
                ("compressed_bytes", "bytes"))
+
+    def __init__(self, rows: Optional[dict] = None, records: Optional[dict] = None,
+                 histograms: Optional[dict] = None):
+        super().__init__(rows or {})
+        self.records = dict(records or {})
+        self.histograms = dict(histograms or {})
 
     def __str__(self) -> str:
         if not self:
@@ -52,11 +65,29 @@ class Report(dict):
             if not row.get("palettized", False):
                 lines.append(f"{name:<{name_w}}  skipped: {row.get('reason', '')}")
                 continue
-            cells = []
-            for key, _ in self.COLUMNS:
-                value = row.get(key, "")
-                cells.append(f"{value:>10.3e}" if isinstance(value, float) else f"{value!s:>10}")
-            lines.append(f"{name:<{name_w}}  " + "  ".join(cells))
+            cells = "  ".join(f"{_cell(row.get(key, '')):>10}" for key, _ in self.COLUMNS)
+            lines.append(f"{name:<{name_w}}  {cells}")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        if not self:
+            return "<p>(nothing palettized)</p>"
+        head = "".join(f"<th>{html.escape(title)}</th>" for _, title in self.COLUMNS)
+        body = []
+        for name, row in self.items():
+            if row.get("palettized", False):
+                cells = "".join(f"<td>{html.escape(_cell(row.get(key, '')))}</td>" for key, _ in self.COLUMNS)
+            else:
+                cells = f'<td colspan="{len(self.COLUMNS)}">skipped: {html.escape(str(row.get("reason", "")))}</td>'
+            body.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+        return (f"<table><thead><tr><th>weight</th>{head}</tr></thead>"
+                f"<tbody>{''.join(body)}</tbody></table>")
+
+    def plot(self, title: str = ""):
+        """The weight histograms with the LUT entries marked (matplotlib figure); see
+        :func:`dkm_palett.plots.plot_weight_histograms`."""
+        from dkm_palett.plots import plot_weight_histograms
+
+        return plot_weight_histograms(self.records, self.histograms, title)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Iterable
 
@@ -14,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from dkm_palett.io import atomic_path  # noqa: E402
+from dkm_palett.lut import palettized_tensors  # noqa: E402
+from dkm_palett.plots import plot_weight_histograms, weight_histogram  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -24,48 +25,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def weight_histograms(path: Path, float_weights: dict, model: torch.nn.Module, title: str = "") -> Path | None:
-    """One panel per palettized weight: histogram of its float (pre-palettization) values, the LUT entries as
-    vertical lines, and how many weights each entry serves. Per-channel-scaled weights are shown divided by their
-    scale, where the LUT lives."""
-    from dkm_palett.lut import broadcast_scale, palettized_tensors
-
-    rows = [(name, rec) for name, _, _, rec in palettized_tensors(model)]
-    if not rows:
+    """One panel per palettized weight (:func:`dkm_palett.plots.plot_weight_histograms`, as ``Report.plot()``):
+    the histogram of its float (pre-palettization) values, the LUT entries and how many weights each serves."""
+    records = {name: rec for name, _, _, rec in palettized_tensors(model)}
+    if not records:
         return None
-    cols = min(3, len(rows))
-    nrows = math.ceil(len(rows) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows), squeeze=False)
-    for ax, (name, rec) in zip(axes.flat, rows):
-        weight = float_weights.get(name)
-        if weight is None:
-            weight = rec.to_dense()
-        w = weight.detach().float().cpu()
-        if rec.scale is not None:
-            w = w / broadcast_scale(rec.scale, tuple(w.shape), rec.axis)
-        ax.hist(w.reshape(-1).numpy(), bins=120, color="0.65", label="float weights")
-        luts = rec.lut.float()
-        shown = luts[: min(luts.shape[0], 8)]
-        alpha = 0.9 if luts.shape[0] == 1 else 0.35
-        for value in shown.reshape(-1).unique().tolist():
-            ax.axvline(value, color="tab:red", lw=0.9, alpha=alpha)
-        if luts.shape[0] == 1 and rec.cluster_dim == 1:
-            counts = torch.bincount(rec.indices[0], minlength=luts.shape[1]).float()
-            twin = ax.twinx()
-            twin.plot(luts[0, :, 0].numpy(), counts.numpy(), "o", color="tab:red", ms=3.5)
-            twin.set_ylim(bottom=0)
-            twin.set_ylabel("weights per centroid", fontsize=7, color="tab:red")
-            twin.tick_params(labelsize=7, colors="tab:red")
-        groups = f", {rec.n_groups} LUTs" if rec.n_groups > 1 else ""
-        dim = f", dim {rec.cluster_dim}" if rec.cluster_dim > 1 else ""
-        ax.set_title(f"{name}\n{rec.n_bits}-bit, {rec.numel} weights{groups}{dim}", fontsize=8)
-        ax.set_xlabel("weight / channel scale" if rec.scale is not None else "weight", fontsize=7)
-        ax.set_ylabel("count", fontsize=7)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.suptitle(title or "weights (gray) and learned centroids (red)", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    histograms = {name: weight_histogram(float_weights[name], rec) for name, rec in records.items()
+                  if float_weights.get(name) is not None}
+    return _save(plot_weight_histograms(records, histograms, title), path)
 
 
 def metric_vs_bits(path: Path, series: dict[str, list[tuple[int, float]]], metric: str,
