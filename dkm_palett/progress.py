@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from tqdm import TqdmWarning
 
@@ -63,3 +63,27 @@ class LayerProgress:
 
     def __getstate__(self) -> dict:  # copies and pickles of a model never carry an open bar
         return {**self.__dict__, "_bar": None}
+
+
+class StageBar:
+    """A bar over named stages: ``with StageBar(("a", "b"), progress, desc) as stage: stage("a") ...``; each call
+    completes the previous stage and shows the next one's name; a clean exit completes the last."""
+
+    def __init__(self, stages: Sequence[str], progress: Optional[bool], desc: str):
+        self._bar = tqdm(total=len(stages), desc=desc, unit="stage", disable=not show_progress(progress),
+                         dynamic_ncols=True)
+        self._started = False
+
+    def __call__(self, name: str) -> None:
+        if self._started:
+            self._bar.update()
+        self._started = True
+        self._bar.set_postfix_str(name)
+
+    def __enter__(self) -> "StageBar":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if exc_type is None and self._started:
+            self._bar.update()
+        self._bar.close()

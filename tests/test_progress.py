@@ -77,3 +77,17 @@ def test_bad_progress_value_is_named():
         palettize_weights(_model(), OpPalettizerConfig(mode="kmeans", nbits=2), progress="yes")
     with pytest.raises(TypeError, match=r"progress must be True, False or None"):
         DKMPalettizer(_model(), progress=1)
+
+
+def test_coreml_export_bar_follows_the_switch(capsys, tmp_path):
+    pytest.importorskip("coremltools")
+    from dkm_palett import export_coreml
+
+    model = palettize_weights(_model(), OpPalettizerConfig(mode="kmeans", nbits=2, weight_threshold=1000),
+                              progress=False)
+    export_coreml(model, torch.zeros(1, 32), tmp_path / "shown.mlpackage", progress=True)
+    err = capsys.readouterr().err
+    assert "Core ML export" in err and "4/4" in err and "convert" in err
+    export_coreml(model, torch.zeros(1, 32), tmp_path / "hidden.mlpackage", progress=False)
+    assert capsys.readouterr().err == ""
+    assert (tmp_path / "shown.mlpackage").is_dir() and (tmp_path / "hidden.mlpackage").is_dir()

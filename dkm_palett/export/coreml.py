@@ -44,6 +44,7 @@ from dkm_palett.export.coreml_mil import (
 )
 from dkm_palett.export.coreml_read import load_program, read_back_lut_weights
 from dkm_palett.io import atomic_directory
+from dkm_palett.progress import StageBar, show_progress
 from dkm_palett.spec import ALLOWED_N_BITS
 from dkm_palett.validation import check_choice
 
@@ -233,6 +234,7 @@ def export_coreml(
     trace: str = "torchscript",
     compute_precision: Optional[str] = None,
     verbose: bool = False,
+    progress: Optional[bool] = None,
 ) -> Path:
     """Convert a finalized palettized ``model`` to a Core ML ``.mlpackage`` at ``path`` (written atomically).
 
@@ -243,8 +245,11 @@ def export_coreml(
     compute_precision: ``'float32'`` / ``'float16'`` (or ``ct.precision``); None uses float16 only when every
         palettized weight is exactly representable at fp16, else float32, so LUTs stay exact.
     verbose: show coremltools' progress bars and warnings.
+    progress: a bar over the export's stages (trace, LUT ops, convert, save); None shows it in interactive sessions
+        only (see ``dkm_palett.progress``).
     The model is traced in eval mode and left as it was.
     """
+    show = show_progress(progress)
     ct = import_coremltools()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -260,16 +265,21 @@ def export_coreml(
         float_lut(name, rec)  # bf16/fp8 exactness, before conversion
     precision = compute_precision or _auto_precision(records)
     ios18 = target is not None and target.value >= ct.target.iOS18.value
-    with quiet(not verbose):
+    # the bar opens before quiet() silences stderr, so it stays visible
+    with StageBar(("trace", "LUT ops", "convert", "save"), show, "Core ML export") as stage, quiet(not verbose):
+        stage("trace")
         prog = _convert_stage1(model, example, records, target, precision, trace)
+        stage("LUT ops")
         rounded = replace_placeholders(prog, records, ios18)
+        stage("convert")
         mlmodel = ct.convert(
             prog, convert_to="mlprogram", minimum_deployment_target=target, pass_pipeline=ct.PassPipeline.EMPTY,
             compute_precision=ct.precision.FLOAT32,
         )
+        stage("save")
+        _save(mlmodel, records, precision, path)
     if rounded:
         warnings.warn(f"compute_precision='float16' rounds the float32 LUTs of {rounded} to fp16.", stacklevel=2)
-    _save(mlmodel, records, precision, path)
     return path
 
 
