@@ -54,7 +54,9 @@ class LayerProgress:
         if not self.show:
             return
         if self._bar is None:
-            self._bar = tqdm(total=self.total, desc=self.desc, unit="layer", dynamic_ncols=True)
+            # position=0: it opens inside the caller's training loop, usually under the loop's own bar; on one line
+            # it briefly covers that bar and leaves its final state above it (no cursor-up escapes in logs)
+            self._bar = tqdm(total=self.total, desc=self.desc, unit="layer", position=0, dynamic_ncols=True)
         self._bar.set_postfix_str(name, refresh=False)
         self._bar.update()
         if self._bar.n >= self.total:

@@ -97,3 +97,19 @@ def test_cli_bad_n_bits_fails_with_one_line_error_before_fit(tmp_path):
     assert BAD_N_BITS in lines
     assert not any(entry.name == "fit" for entry in info.traceback)  # raised while building the Trainer
     assert not out.exists()
+
+
+def test_readme_lightning_cli_yaml_runs_as_written(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in readme.split("```yaml\n")[1:] if "DKMPalettizationCallback" in b]
+    assert len(blocks) == 1
+    callbacks = yaml.safe_load(blocks[0].split("```")[0])["trainer"]["callbacks"]
+    assert callbacks[0]["class_path"] == CALLBACK_PATH
+    monkeypatch.chdir(tmp_path)  # export_dir: artifacts/ is relative
+    path = _write_cli_yaml(tmp_path, callbacks[0]["init_args"])
+    cb = _dkm_callback(_fit(path))
+    assert cb.config.global_config.n_bits == 4
+    assert (tmp_path / "artifacts" / "model.mlpackage").is_dir()
+    assert (tmp_path / "artifacts" / "model.safetensors").is_file()
