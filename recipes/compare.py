@@ -46,14 +46,14 @@ def run_compare(cfg: DictConfig, datamodule, run_dir: Path, baseline_state: dict
     rows, chosen = [], {}
     for n_bits in bits_list:
         ptq = post_training(cfg, fresh_copy(cfg, baseline_state), n_bits)
-        ptq_metrics = phases.evaluate(cfg, ptq, datamodule, run_dir)
+        ptq_metrics = phases.evaluate(cfg, ptq, datamodule, run_dir, label=f"post-training {n_bits}-bit")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         dkm = fresh_copy(cfg, baseline_state)
         chosen_now = n_bits == chosen_bits
         callback, layers = phases.dkm_finetune(cfg, dkm, datamodule, run_dir,
                                                build_dkm_config(cfg.palettization, n_bits), phase=f"dkm_{n_bits}bit",
                                                export=chosen_now, example=example)
-        dkm_metrics = phases.evaluate(cfg, dkm, datamodule, run_dir)
+        dkm_metrics = phases.evaluate(cfg, dkm, datamodule, run_dir, label=f"dkm {n_bits}-bit")
         comp = compression(export_target(dkm, cfg.export.get("submodule"), "export.submodule"))
         rows.append({"n_bits": n_bits, "post_training": ptq_metrics, "dkm": dkm_metrics, "compression": comp})
         print(f"[compare] {n_bits}-bit: post-training {metric}={ptq_metrics.get(metric):.4f}  "

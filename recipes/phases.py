@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import pickle
 import shutil
 import time
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dkm_palett.io import atomic_path, atomic_torch_save, atomic_write_text
+from dkm_palett.recipes.progress import console_callbacks
 
 
 def loggers(run_dir: Path, phase: str) -> list:
@@ -37,10 +39,34 @@ def extra_callbacks(cfg: DictConfig) -> list:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, phase: str, callbacks: list = (), log: bool = True,
-                 **overrides) -> L.Trainer:
-    """A Trainer from ``cfg.trainer`` with this phase's loggers and callbacks."""
-    return instantiate(cfg.trainer, callbacks=list(callbacks) + extra_callbacks(cfg),
-                       logger=loggers(run_dir, phase) if log else False, default_root_dir=str(run_dir), **overrides)
+                 label: Optional[str] = None, **overrides) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` with this phase's loggers and callbacks; the console shows ``label``."""
+    console, bar = console_callbacks(label or phase, bool(cfg.trainer.get("enable_progress_bar", True)),
+                                     training=phase != "eval")
+    return instantiate(cfg.trainer, callbacks=list(callbacks) + console + extra_callbacks(cfg),
+                       logger=loggers(run_dir, phase) if log else False, default_root_dir=str(run_dir),
+                       enable_progress_bar=bar, **overrides)
+
+
+class SampleCount(L.Callback):
+    """How many validation samples were evaluated (the first dimension of each batch's inputs)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self.n += len(inputs)
+
+
+def with_uncertainty(metrics: dict, n: int) -> dict:
+    """Add ``n`` (validation samples) and, for an accuracy, ``accuracy_ci95``: the half-width of its 95% interval
+    (normal approximation of the binomial, 1.96 * sqrt(p (1 - p) / n)), so a difference inside it reads as noise."""
+    out = dict(metrics, n=int(n))
+    if "accuracy" in metrics and n > 0:
+        p = metrics["accuracy"]
+        out["accuracy_ci95"] = 1.96 * math.sqrt(max(p * (1.0 - p), 0.0) / n)
+    return out
 
 
 def set_lr(lit: Any, lr: Any) -> None:
@@ -49,9 +75,12 @@ def set_lr(lit: Any, lr: Any) -> None:
         lit.lr = float(lr)
 
 
-def evaluate(cfg: DictConfig, lit: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path) -> dict:
-    """Run validation once; return the ``val_*`` metrics without the prefix (``accuracy``, ``loss``, ...)."""
-    trainer = make_trainer(cfg, run_dir, "eval", log=False)
+def evaluate(cfg: DictConfig, lit: L.LightningModule, datamodule: L.LightningDataModule, run_dir: Path,
+             label: str = "evaluate") -> dict:
+    """Run validation once; return the ``val_*`` metrics without the prefix (``accuracy``, ``loss``, ...), with the
+    sample count ``n`` and the accuracy's 95% interval (:func:`with_uncertainty`)."""
+    count = SampleCount()
+    trainer = make_trainer(cfg, run_dir, "eval", callbacks=[count], log=False, label=label)
     results = trainer.validate(lit, datamodule=datamodule, verbose=False)
     metrics = {}
     for key, value in (results[0] if results else {}).items():
@@ -60,13 +89,13 @@ def evaluate(cfg: DictConfig, lit: L.LightningModule, datamodule: L.LightningDat
     if not metrics:
         raise ValueError("the model logged no validation metrics; log them in validation_step as val_<name> "
                          "(e.g. self.log('val_accuracy', ...)).")
-    return metrics
+    return with_uncertainty(metrics, count.n)
 
 
 def train_baseline(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: Path) -> L.Trainer:
     """Train the float baseline for ``baseline.max_epochs``, then save ``<run>/baseline.ckpt``."""
     set_lr(lit, cfg.baseline.get("lr"))
-    trainer = make_trainer(cfg, run_dir, "baseline", max_epochs=int(cfg.baseline.max_epochs))
+    trainer = make_trainer(cfg, run_dir, "baseline", label="baseline", max_epochs=int(cfg.baseline.max_epochs))
     trainer.fit(lit, datamodule=datamodule)
     atomic_torch_save({"state_dict": lit.state_dict()}, run_dir / "baseline.ckpt")
     return trainer
@@ -157,7 +186,7 @@ def dkm_finetune(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: P
                       coreml_options=coreml_options)
     # (instantiate's own first parameter is named ``config``: bind the arguments through a partial)
     callback = instantiate(cfg.callbacks.dkm, _partial_=True)(**kwargs)
-    trainer = make_trainer(cfg, run_dir, phase, callbacks=[callback])
+    trainer = make_trainer(cfg, run_dir, phase, callbacks=[callback], label=f"dkm {_bits(dkm_config)}-bit")
     trainer.fit(lit, datamodule=datamodule)
     palettizer = getattr(callback, "palettizer", None)
     if not any(True for _ in palettized_tensors(lit)):
@@ -166,6 +195,11 @@ def dkm_finetune(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: P
         palettizer.finalize(model=lit, inplace=True)
     layers = dict(palettizer.report()) if palettizer is not None else {}
     return callback, layers
+
+
+def _bits(dkm_config) -> Any:
+    cfg = getattr(dkm_config, "global_config", None)
+    return getattr(cfg, "n_bits", None) or "n"
 
 
 def artifacts(cfg: DictConfig, callback: Any) -> dict:

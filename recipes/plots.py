@@ -35,21 +35,27 @@ def weight_histograms(path: Path, float_weights: dict, model: torch.nn.Module, t
     return _save(plot_weight_histograms(records, histograms, title), path)
 
 
-def metric_vs_bits(path: Path, series: dict[str, list[tuple[int, float]]], metric: str,
-                   baseline: float | None = None, title: str = "", ratios: dict[int, float] | None = None) -> Path:
+def metric_vs_bits_figure(series: dict[str, list[tuple[int, float]]], metric: str, baseline: float | None = None,
+                          title: str = "", ratios: dict[int, float] | None = None,
+                          errors: dict[str, dict[int, float]] | None = None):
     """Lines of ``metric`` against bits, one per series (e.g. ``DKM``, ``post-training k-means``), with the float
-    baseline as a dashed line and the compression ratio under each bit width."""
+    baseline as a dashed line, the compression ratio under each bit width and, from ``errors`` (series -> bits ->
+    half-width), 95% error bars. Value labels go above the points of the first series and below those of the
+    others, so two close series do not overlap. Returns the figure."""
     scale = 100.0 if metric == "accuracy" else 1.0
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     markers = iter("osD^v")
     all_bits: set[int] = set()
-    for label, points in series.items():
+    for index, (label, points) in enumerate(series.items()):
         points = sorted(points)
         all_bits.update(b for b, _ in points)
-        ax.plot([b for b, _ in points], [v * scale for _, v in points], marker=next(markers, "o"), label=label)
+        err = (errors or {}).get(label) or {}
+        ax.errorbar([b for b, _ in points], [v * scale for _, v in points], marker=next(markers, "o"), label=label,
+                    yerr=[err.get(b, 0.0) * scale for b, _ in points] if err else None, capsize=3)
+        above = index == 0
         for b, v in points:
             ax.annotate(f"{v * scale:.1f}" if scale != 1 else f"{v:.3g}", (b, v * scale), textcoords="offset points",
-                        xytext=(0, 6), ha="center", fontsize=7)
+                        xytext=(0, 7 if above else -7), ha="center", va="bottom" if above else "top", fontsize=7)
     if baseline is not None:
         ax.axhline(baseline * scale, color="0.3", ls="--", lw=1, label=f"float baseline ({baseline * scale:.4g})")
     bits = sorted(all_bits)
@@ -63,10 +69,17 @@ def metric_vs_bits(path: Path, series: dict[str, list[tuple[int, float]]], metri
     if metric == "perplexity":
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="error bars: 95% interval" if errors else None, title_fontsize=7)
     ax.set_title(title or f"{metric} vs bits", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def metric_vs_bits(path: Path, series: dict[str, list[tuple[int, float]]], metric: str,
+                   baseline: float | None = None, title: str = "", ratios: dict[int, float] | None = None,
+                   errors: dict[str, dict[int, float]] | None = None) -> Path:
+    """:func:`metric_vs_bits_figure`, saved as a PNG."""
+    return _save(metric_vs_bits_figure(series, metric, baseline, title, ratios, errors), path)
 
 
 def _comparable(cfg: dict) -> dict:
@@ -102,7 +115,10 @@ def bits_plot_from_reports(paths: Iterable[Path], reports: list[dict], metric: s
               if r.get("compression", {}).get("ratio")}
     ptq = [(r["config"]["palettization"]["n_bits"], r["post_training"][metric]) for r in reports
            if metric in (r.get("post_training") or {})]
+    errors = {label: {r["config"]["palettization"]["n_bits"]: r[key][f"{metric}_ci95"] for r in reports
+                      if f"{metric}_ci95" in (r.get(key) or {})}
+              for label, key in (("post-training k-means", "post_training"), ("DKM fine-tuning", "palettized"))}
     baselines = [r["baseline"][metric] for r in reports if metric in r.get("baseline", {})]
     baseline = sum(baselines) / len(baselines) if baselines else None
     lines = {"post-training k-means": ptq, "DKM fine-tuning": series} if ptq else {"DKM fine-tuning": series}
-    return [metric_vs_bits(p, lines, metric, baseline, title, ratios) for p in paths]
+    return [metric_vs_bits(p, lines, metric, baseline, title, ratios, errors) for p in paths]

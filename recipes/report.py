@@ -69,10 +69,16 @@ def write_report(run_dir: Path, report: dict) -> Path:
     return path
 
 
-def _fmt_metric(name: str, value: float | None) -> str:
+def _fmt_metric(name: str, value: float | None, ci95: float | None = None) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4f}"
+    if name != "accuracy":
+        return f"{value:.4f}"
+    return f"{100 * value:.2f}%" + (f" ±{100 * ci95:.2f}" if ci95 is not None else "")
+
+
+def _cell(name: str, metrics: dict) -> str:
+    return _fmt_metric(name, metrics.get(name), metrics.get(f"{name}_ci95"))
 
 
 def _fmt_bytes(n: float) -> str:
@@ -88,24 +94,25 @@ def summary(report: dict, run_dir: Path) -> str:
     base, pal = report.get("baseline", {}), report.get("palettized", {})
     names = [n for n in ("accuracy", "perplexity", "loss") if n in base or n in pal] or sorted(set(base) | set(pal))
     bits = report.get("config", {}).get("palettization", {}).get("n_bits")
-    rows = [("", *names), ("float baseline", *(_fmt_metric(n, base.get(n)) for n in names))]
+    rows = [("", *names), ("float baseline", *(_cell(n, base) for n in names))]
     if "post_training" in report:
-        rows.append((f"post-training k-means {bits}-bit",
-                     *(_fmt_metric(n, report["post_training"].get(n)) for n in names)))
-    rows.append((f"DKM {bits}-bit" if bits else "DKM palettized", *(_fmt_metric(n, pal.get(n)) for n in names)))
+        rows.append((f"post-training k-means {bits}-bit", *(_cell(n, report["post_training"]) for n in names)))
+    rows.append((f"DKM {bits}-bit" if bits else "DKM palettized", *(_cell(n, pal) for n in names)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"== dkm-palett-train: {report.get('name', '')} =="]
     for r in rows:
         lines.append("  " + "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in
                                       enumerate(zip(r, widths))))
+    if "accuracy_ci95" in base:
+        lines.append(f"  (± = 95% interval over n={base['n']} validation samples; differences inside it are noise)")
     comp = report.get("compression") or {}
     if comp:
         lines.append(f"  size: {_fmt_bytes(comp['float_bytes'])} float -> {_fmt_bytes(comp['compressed_bytes'])} "
                      f"palettized ({comp['ratio']:.2f}x smaller; {comp['n_palettized_weights']} weights palettized)")
     metric = report.get("metric", "accuracy")
     for row in report.get("compare", []):
-        lines.append(f"  {row['n_bits']}-bit: post-training {_fmt_metric(metric, row['post_training'].get(metric))}"
-                     f"  DKM {_fmt_metric(metric, row['dkm'].get(metric))}"
+        lines.append(f"  {row['n_bits']}-bit: post-training {_cell(metric, row['post_training'])}"
+                     f"  DKM {_cell(metric, row['dkm'])}"
                      f"  ({row['compression']['ratio']:.2f}x smaller)")
     source = report.get("baseline_source") or {}
     if source.get("reused"):

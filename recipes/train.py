@@ -109,7 +109,7 @@ def baseline_phase(state: RecipeRun) -> None:
         state.report["baseline_source"] = phases.cached_baseline(cfg, lit, state.datamodule, state.run_dir,
                                                                  state.baseline_cache)
     state.timings["baseline_s"] = time.perf_counter() - t
-    state.report["baseline"] = phases.evaluate(cfg, lit, state.datamodule, state.run_dir)
+    state.report["baseline"] = phases.evaluate(cfg, lit, state.datamodule, state.run_dir, label="baseline")
     state.report["metric"], _ = primary_metric(state.report["baseline"])
     state.float_weights = {name: p.detach().cpu().clone() for name, p in lit.named_parameters()}
     state.example = phases.example_inputs(lit, state.datamodule)
@@ -134,11 +134,13 @@ def dkm_phase(state: RecipeRun) -> None:
     else:
         if cfg.get("reference_post_training", True) and cfg.palettization.n_bits is not None:
             ptq = post_training(cfg, fresh_copy(cfg, baseline_state), int(cfg.palettization.n_bits))
-            report["post_training"] = phases.evaluate(cfg, ptq, state.datamodule, state.run_dir)
+            report["post_training"] = phases.evaluate(cfg, ptq, state.datamodule, state.run_dir,
+                                                      label=f"post-training {int(cfg.palettization.n_bits)}-bit")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         callback, report["layers"] = phases.dkm_finetune(cfg, state.lit, state.datamodule, state.run_dir,
                                                          state.dkm_configs[None], export=True, example=state.example)
-        report["palettized"] = phases.evaluate(cfg, state.lit, state.datamodule, state.run_dir)
+        report["palettized"] = phases.evaluate(cfg, state.lit, state.datamodule, state.run_dir,
+                                               label=f"dkm {cfg.palettization.n_bits}-bit")
     report["artifacts"] = phases.artifacts(cfg, callback)
     state.timings["dkm_and_export_s"] = time.perf_counter() - t
 
@@ -184,8 +186,10 @@ def _plots(cfg, report: dict, lit, float_weights: dict, run_dir: Path) -> list[s
         series = {"post-training k-means": [(r["n_bits"], r["post_training"][metric]) for r in report["compare"]],
                   "DKM fine-tuning": [(r["n_bits"], r["dkm"][metric]) for r in report["compare"]]}
         ratios = {r["n_bits"]: r["compression"]["ratio"] for r in report["compare"]}
+        errors = {label: {r["n_bits"]: r[key][f"{metric}_ci95"] for r in report["compare"] if f"{metric}_ci95" in r[key]}
+                  for label, key in (("post-training k-means", "post_training"), ("DKM fine-tuning", "dkm"))}
         out.append(str(plots.metric_vs_bits(run_dir / "compare.png", series, metric, report["baseline"][metric],
-                                            f"{cfg.name}: post-training k-means vs DKM", ratios)))
+                                            f"{cfg.name}: post-training k-means vs DKM", ratios, errors)))
     else:
         siblings = plots.sibling_reports(run_dir.parent, report)
         if len({r["config"]["palettization"]["n_bits"] for r in siblings}) >= 2:

@@ -72,6 +72,17 @@ def test_default_run_writes_report_plots_logs_artifacts(digits_run):
         assert on_disk[phase]["loss"] > 0
     # one epoch of 3 batches already lifts the CNN well above chance (10%)
     assert on_disk["baseline"]["accuracy"] > 0.2
+    # the uncertainty of each accuracy over the 360 validation images (95% interval, normal approximation)
+    for phase in ("baseline", "post_training", "palettized"):
+        acc = on_disk[phase]["accuracy"]
+        assert on_disk[phase]["n"] == 360
+        assert on_disk[phase]["accuracy_ci95"] == pytest.approx(1.96 * math.sqrt(acc * (1 - acc) / 360))
+    from dkm_palett.recipes.report import summary
+
+    text = summary(report, run_dir)
+    ci = 100 * report["baseline"]["accuracy_ci95"]
+    assert f"{100 * report['baseline']['accuracy']:.2f}% ±{ci:.2f}" in text
+    assert "95% interval over n=360 validation samples" in text
     comp = on_disk["compression"]
     assert comp["float_bytes"] > comp["compressed_bytes"] > 0
     assert comp["ratio"] == pytest.approx(comp["float_bytes"] / comp["compressed_bytes"])
@@ -185,7 +196,8 @@ def test_charlm_reports_loss_and_perplexity(tmp_path):
     report = run(compose_cfg(overrides), tmp_path)
     for phase in ("baseline", "palettized"):
         metrics = report[phase]
-        assert set(metrics) == {"loss", "perplexity"}
+        assert set(metrics) == {"loss", "perplexity", "n"}  # no accuracy, no interval for it
+        assert metrics["n"] == (8192 - 1) // 64  # every validation window of 64 characters (2 batches of <= 64)
         # perplexity is exp(mean token NLL): equal batches make it exp(val_loss)
         assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-3)
         assert metrics["perplexity"] < 97  # better than uniform over the vocabulary

@@ -46,3 +46,52 @@ def test_failed_run_records_the_error_in_train_log(tmp_path):
     assert len(lines) == 1 and "does not match the model" in lines[0] and "train.log" in lines[0]
     log = (run_dir / "train.log").read_text()
     assert "run failed: ValueError: baseline.checkpoint=" in log and "Traceback" in log
+
+
+def test_console_without_a_terminal_is_one_line_per_epoch_with_the_phase(tmp_path):
+    fast = [o for o in FAST if o != "trainer.enable_progress_bar=false"]
+    proc = cli(*fast, *NO_EXPORT, "plots=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "\r" not in out and "v_num" not in out and "Validation DataLoader" not in out
+    epochs = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split(":")[0] for line in epochs] == ["[baseline] epoch 1/1", "[dkm 4-bit] epoch 1/1"]
+    assert "train_loss=" in epochs[0]
+    assert len(out) < 3000  # the summary and two epoch lines, no bar updates
+
+
+def test_progress_bar_is_labelled_with_the_phase_and_drops_v_num():
+    import lightning as L
+
+    from dkm_palett.recipes.progress import PhaseProgressBar
+    from helpers_lightning import DigitsClassifier, DigitsDataModule
+
+    class Seen(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.description = bar.train_progress_bar.desc
+            self.metrics = bar.get_metrics(trainer, pl_module)
+
+    bar, seen = PhaseProgressBar("dkm 4-bit"), Seen()
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, callbacks=[bar, seen], logger=True, enable_checkpointing=False,
+                        enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
+                        default_root_dir=None)
+    trainer.fit(DigitsClassifier(), DigitsDataModule())
+    assert seen.description.startswith("dkm 4-bit epoch 1/")
+    assert "v_num" not in seen.metrics
+    assert bar.init_validation_tqdm().leave is False  # a standalone validation leaves no finished bar behind
+    assert bar.validation_description == "dkm 4-bit: validation"
+
+
+def test_compare_plot_value_labels_do_not_overlap():
+    from dkm_palett.recipes.plots import metric_vs_bits_figure
+
+    series = {"post-training k-means": [(1, 0.10), (2, 0.62), (3, 0.951), (4, 0.962)],
+              "DKM fine-tuning": [(1, 0.55), (2, 0.90), (3, 0.953), (4, 0.961)]}
+    errors = {label: {b: 0.02 for b, _ in points} for label, points in series.items()}
+    fig = metric_vs_bits_figure(series, "accuracy", 0.96, "t", {1: 20.0, 2: 12.0, 3: 9.0, 4: 7.0}, errors)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert len(boxes) == 8
+    overlaps = [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    assert overlaps == []
