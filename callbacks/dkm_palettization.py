@@ -26,8 +26,10 @@ Lifecycle (every hook delegates to :class:`dkm_palett.palettizer.DKMPalettizer` 
 Checkpoints: the module's buffers (centroids, initialized, enabled, steps, ...) travel in the model state_dict; the
 callback's ``state_dict`` holds only primitives (step count, finalized flag, the config as a plain dict), so
 Lightning's ``weights_only=True`` loading works. To load a mid-palettization checkpoint into a fresh module outside
-of ``fit``, use :meth:`DKMPalettizationCallback.load_prepared` (a plain ``LitModule.load_from_checkpoint`` cannot:
-the state_dict holds the DKM layers, which only a prepared module has).
+of ``fit``, use :meth:`DKMPalettizationCallback.load_prepared`. A plain ``LitModule.load_from_checkpoint`` cannot (the
+state_dict holds the DKM layers, which only a prepared module has); while prepared, the module carries an empty
+buffer named ``dkm_palett_prepared__load_with__DKMPalettizationCallback_load_prepared``, so torch's "Unexpected
+key(s)" error of such a load names ``load_prepared`` first.
 
 ``ddp_spawn``: the workers finalize and export; the main process's module receives the finalized weights (as plain
 tensors) but not the LUT records, reload those with ``load_compressed(<export_dir>/<stem>.safetensors, module)``.
@@ -51,8 +53,8 @@ from typing_extensions import override
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
 from dkm_palett.lut import records_of
-from dkm_palett.callbacks.lifecycle import (PALETTIZERS, check_untracked, export_target, is_prepared,
-                                            raise_on_every_rank, unprepare)
+from dkm_palett.callbacks.lifecycle import (MARKER, PALETTIZERS, check_untracked, export_target, is_prepared,
+                                            mark_prepared, raise_on_every_rank, unprepare)
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
 from dkm_palett.validation import check_choice, check_keys, check_type
 
@@ -167,6 +169,7 @@ class DKMPalettizationCallback(Callback):
             self._pending_step_count = None
         before = {name for name, _, _, _ in fake_palettizers(pl_module)}
         self.palettizer.prepare(inplace=True)  # idempotent: prepared weights are left alone
+        mark_prepared(pl_module, is_prepared(pl_module))
         self._added.update({name: records_of(module).get(param_name)
                             for name, module, param_name, _ in fake_palettizers(pl_module) if name not in before})
         PALETTIZERS[pl_module] = self.palettizer
@@ -242,6 +245,7 @@ class DKMPalettizationCallback(Callback):
         if trainer.world_size > 1:
             self._copy_rank_zero_state(trainer, pl_module)
         self.palettizer.finalize(inplace=True)
+        mark_prepared(pl_module, False)
         self.finalized = True
         self.report = dict(self.palettizer.report())
         final = {f"dkm_final/{name}/rms_error": row["rms_error"] for name, row in self.report.items()
@@ -344,8 +348,10 @@ class DKMPalettizationCallback(Callback):
             raise ValueError(f"ckpt_path={str(ckpt_path)!r} holds no DKMPalettizationCallback state; pass config=.")
         palettizer = DKMPalettizer(module, state["config"] if config is None else config)
         palettizer.prepare(inplace=True)
+        mark_prepared(module, MARKER in ckpt["state_dict"])
         module.load_state_dict(ckpt["state_dict"])
         palettizer.load_state_dict({"step_count": int(state["step_count"]) if state else 0})
         if finalize:
             palettizer.finalize(inplace=True)
+            mark_prepared(module, False)
         return module

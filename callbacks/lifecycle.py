@@ -17,6 +17,19 @@ from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
 PALETTIZERS: "weakref.WeakKeyDictionary[torch.nn.Module, DKMPalettizer]" = weakref.WeakKeyDictionary()
 
 
+# A buffer on a prepared LightningModule, so its checkpoints hold this key: a plain ``LitModule.load_from_checkpoint``
+# of a mid-palettization checkpoint then fails with torch's "Unexpected key(s)" error, and this key says what to use.
+MARKER = "dkm_palett_prepared__load_with__DKMPalettizationCallback_load_prepared"
+
+
+def mark_prepared(module: torch.nn.Module, prepared: bool) -> None:
+    """Add (``prepared``) or remove the :data:`MARKER` buffer."""
+    if prepared and MARKER not in module._buffers:
+        module.register_buffer(MARKER, torch.zeros(0))
+    elif not prepared and MARKER in module._buffers:
+        delattr(module, MARKER)
+
+
 class ExportError(RuntimeError):
     """The export failed on global rank 0; every rank raises this, with the same message."""
 
@@ -55,6 +68,7 @@ def unprepare(model: torch.nn.Module, added: dict) -> None:
         if record is not None:
             attach(module, param_name, record)
     PALETTIZERS.pop(model, None)
+    mark_prepared(model, is_prepared(model))
 
 
 def raise_on_every_rank(trainer: "L.Trainer", error: Optional[BaseException], what: str) -> None:

@@ -134,3 +134,19 @@ def test_manual_optimization_counts_trainer_steps_not_optimizer_steps():
     trainer = _fit(TwoOptimizers(), [callback], max_epochs=1, limit_train_batches=5)
     assert trainer.global_step == 10  # Lightning counts each optimizer.step()
     assert callback.step_count == 5  # DKM counts training batches that stepped
+
+
+def test_plain_load_from_checkpoint_of_a_prepared_module_names_load_prepared(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = DigitsClassifier()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    _fit(module, [DKMPalettizationCallback(CONFIG), ckpt], max_steps=3, enable_checkpointing=True)
+    assert not any("load_prepared" in key for key in module.state_dict())  # finalized: no marker left
+    path = tmp_path / "epoch=0-step=2.ckpt"
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: '
+                                           r'"dkm_palett_prepared__load_with__DKMPalettizationCallback_load_prepared"'):
+        DigitsClassifier.load_from_checkpoint(path)
+    loaded = DKMPalettizationCallback.load_prepared(DigitsClassifier(), path, finalize=True)
+    assert sorted(name for name, _, _, _ in palettized_tensors(loaded)) == ["net.1.weight", "net.3.weight"]
+    assert not any("load_prepared" in key for key in loaded.state_dict())
