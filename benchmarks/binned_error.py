@@ -55,7 +55,7 @@ def measure(x: torch.Tensor, bits: int) -> tuple[int, float, float]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8])
     args = ap.parse_args()
     torch.manual_seed(0)
