@@ -193,8 +193,8 @@ def _layer_engine(n_bits, impl, scale=0.02, in_features=512, **kw):
 
 
 def test_auto_runs_exact_fused_dkm_up_to_4_bits_and_bounded_binned_above():
-    assert _layer_engine(4, "auto")[0] == "fused"
-    assert _layer_engine(2, "auto")[0] == "fused"
+    assert _layer_engine(4, "auto", in_features=2048)[0] == "fused"  # a grid would be allowed: exact is chosen
+    assert _layer_engine(2, "auto", in_features=2048)[0] == "fused"
     assert _layer_engine(4, "dense")[0] == "fused"
     name, bins = _layer_engine(6, "auto", in_features=2048)
     assert name == "binned" and 16 < bins <= 2048 * 256 // 4
