@@ -97,8 +97,8 @@ def config(n_bits: int, granularity: str) -> KMeansPalettizerConfig:
 
 
 def bits_per_weight(report: dict) -> float:
-    rows = [r for r in report.values() if r["status"] == "palettized"]
-    return sum(r["storage_bits"] for r in rows) / sum(r["numel"] for r in rows)
+    rows = [r for r in report.values() if r["palettized"]]
+    return 8 * sum(r["compressed_bytes"] for r in rows) / sum(r["n_params"] for r in rows)
 
 
 def calibration(data: CharLMDataModule, seed: int, batches: int) -> list:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dkm_palett.kmeans import nearest_centroid
-from dkm_palett.spec import PalettizationSpec
+from dkm_palett.spec import PalettizationSpec, lut_dtype_info
 
 # ----------------------------------------------------------------------------------------------- layout
 
@@ -58,15 +58,6 @@ def broadcast_scale(scale: torch.Tensor, shape: tuple[int, ...], axis: int) -> t
 
 # ----------------------------------------------------------------------------------------- LUT dtypes
 
-_FLOAT_CASTS = {
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
-_FLOAT_MAX = {"f16": 65504.0, "bf16": 3.38e38, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
-
-
 @dataclass
 class LutQuantization:
     """An integer LUT: ``lut = (q - zero_point) * scale`` with one scale/zero point per LUT group."""
@@ -105,7 +96,7 @@ def quantize_lut_int(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128,
         zero_point = (lo - torch.round(vmin / scale)).clamp(lo, hi).to(torch.int32)
     view = (-1, 1, 1)
     q = torch.round(lut.detach().float() / scale.reshape(view)) + zero_point.reshape(view)
-    q = q.clamp(lo, hi).to(torch.int8 if lut_dtype == "i8" else torch.uint8)
+    q = q.clamp(lo, hi).to(lut_dtype_info(lut_dtype).torch_dtype)
     return LutQuantization(q=q, scale=scale.float(), zero_point=zero_point)
 
 
@@ -113,15 +104,16 @@ def round_lut(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128, quant_ma
     """The LUT values as they will be stored (not differentiable). Raises if a float LUT overflows its dtype."""
     if lut_dtype == "f32":
         return lut.float()
-    if lut_dtype in ("i8", "u8"):
+    info = lut_dtype_info(lut_dtype)
+    if info.is_integer:
         return quantize_lut_int(lut, lut_dtype, quant_min, quant_max).dequantize().to(lut.device)
     peak = lut.detach().abs().max().item() if lut.numel() else 0.0
-    if peak > _FLOAT_MAX[lut_dtype]:
+    if peak > info.max_abs:
         raise ValueError(
-            f"a LUT entry of magnitude {peak:.4g} does not fit lut_dtype={lut_dtype!r} (max {_FLOAT_MAX[lut_dtype]}); "
+            f"a LUT entry of magnitude {peak:.4g} does not fit lut_dtype={lut_dtype!r} (max {info.max_abs:g}); "
             "enable per-channel scale or choose a wider lut_dtype."
         )
-    return lut.to(_FLOAT_CASTS[lut_dtype]).float()
+    return lut.to(info.torch_dtype).float()
 
 
 def fake_quantize_lut(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128, quant_max: int = 127) -> torch.Tensor:
@@ -214,7 +206,7 @@ class PalettizedTensor:
 
     def storage_bits(self) -> int:
         """Bits needed to store this tensor compressed: packed indices + LUT (+ scales)."""
-        lut_bits = {"f32": 32, "f16": 16, "bf16": 16, "i8": 8, "u8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8}[self.lut_dtype]
+        lut_bits = lut_dtype_info(self.lut_dtype).bits
         bits = self.indices.numel() * self.n_bits + self.lut.numel() * lut_bits
         if self.lut_quant is not None:
             bits += self.n_groups * (32 + 32)

@@ -16,7 +16,7 @@ from dkm_palett.lut import attach, palettized_tensors, records_of
 from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
 from dkm_palett.plots import weight_histogram
 from dkm_palett.progress import LayerProgress, progress_bar, show_progress
-from dkm_palett.report import Report, record_stats
+from dkm_palett.report import Report, record_stats, skipped_stats
 
 
 def _activation_hook(module: nn.Module, _inputs, output):
@@ -200,5 +200,5 @@ class DKMPalettizer:
             rows.setdefault(full, self._final_stats.get(full) or record_stats(record, None))
             records.setdefault(full, record)
         for name, reason in self.skipped.items():
-            rows[name] = {"palettized": False, "reason": reason}
+            rows[name] = skipped_stats(reason)
         return Report(rows, records, {k: v for k, v in histograms.items() if k in records})

@@ -10,9 +10,19 @@ import torch
 from dkm_palett.lut import PalettizedTensor
 
 
+def record_bytes(record: PalettizedTensor) -> tuple[int, int]:
+    """``(float_bytes, compressed_bytes)`` of one palettized weight: its dense size in its own dtype, and its
+    packed indices + LUT (+ scales) rounded up to whole bytes. The one byte accounting of the package."""
+    float_bytes = record.numel * torch.empty((), dtype=record.dtype).element_size()
+    return float_bytes, (record.storage_bits() + 7) // 8
+
+
 def record_stats(record: PalettizedTensor, original: Optional[torch.Tensor]) -> dict:
-    """Statistics of one palettized weight; the error is measured against ``original`` when given."""
+    """The statistics row of one palettized weight (the one row schema of every report in the package);
+    the error is measured against ``original`` when given. ``compression_ratio`` is ``float_bytes /
+    compressed_bytes`` (how many times smaller)."""
     dense = record.to_dense().float()
+    float_bytes, compressed_bytes = record_bytes(record)
     stats = {
         "palettized": True,
         "n_bits": record.n_bits,
@@ -24,8 +34,9 @@ def record_stats(record: PalettizedTensor, original: Optional[torch.Tensor]) -> 
         "lut_dtype": record.lut_dtype,
         "per_channel_scale": record.scale is not None,
         "lut_entries_used_max": int(max(record.indices[g].unique().numel() for g in range(record.n_groups))),
-        "float_bytes": record.numel * 4,
-        "compressed_bytes": (record.storage_bits() + 7) // 8,
+        "float_bytes": float_bytes,
+        "compressed_bytes": compressed_bytes,
+        "compression_ratio": float_bytes / compressed_bytes,
     }
     if original is not None:
         ref = original.detach().float().cpu()
@@ -38,6 +49,11 @@ def record_stats(record: PalettizedTensor, original: Optional[torch.Tensor]) -> 
 
 def _cell(value) -> str:
     return f"{value:.3e}" if isinstance(value, float) else str(value)
+
+
+def skipped_stats(reason: str, **extra) -> dict:
+    """The row of a weight that was left as is, and why."""
+    return {"palettized": False, "reason": reason, **extra}
 
 
 class Report(dict):

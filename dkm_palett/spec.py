@@ -16,18 +16,42 @@ from dkm_palett.validation import check_choice, check_int, check_type
 #: Bit widths a LUT index may use. Core ML's ``constexpr_lut_to_dense`` holds exactly these.
 ALLOWED_N_BITS = (1, 2, 3, 4, 6, 8)
 
+@dataclass(frozen=True)
+class LutDtype:
+    """One LUT storage dtype: its canonical short name, torch dtype, bits per entry, value range, whether it is
+    an integer (quantized, with per-LUT scale and zero point) LUT, and whether Core ML stores it natively."""
+
+    name: str
+    torch_dtype: torch.dtype
+    bits: int
+    max_abs: float  # largest finite magnitude (integer LUTs: of the stored integers)
+    is_integer: bool
+    coreml_native: bool  # False: Core ML holds it only as an exactly equal fp16 LUT
+    aliases: tuple = ()
+
+
+#: The one table of LUT dtypes; ``lut``, both exports and the configs read it.
+LUT_DTYPE_TABLE: dict[str, LutDtype] = {d.name: d for d in (
+    LutDtype("f32", torch.float32, 32, 3.4028234663852886e38, False, True, ("fp32", "float32", "float")),
+    LutDtype("f16", torch.float16, 16, 65504.0, False, True, ("fp16", "float16", "half")),
+    LutDtype("bf16", torch.bfloat16, 16, 3.3895313892515355e38, False, False, ("bfloat16",)),
+    LutDtype("i8", torch.int8, 8, 128.0, True, True, ("int8", "qint8")),
+    LutDtype("u8", torch.uint8, 8, 255.0, True, True, ("uint8", "quint8")),
+    LutDtype("fp8_e4m3", torch.float8_e4m3fn, 8, 448.0, False, False, ("float8_e4m3fn", "e4m3")),
+    LutDtype("fp8_e5m2", torch.float8_e5m2, 8, 57344.0, False, False, ("float8_e5m2", "e5m2")),
+)}
+
 #: LUT storage dtypes, canonical short names.
-LUT_DTYPES = ("f32", "f16", "bf16", "i8", "u8", "fp8_e4m3", "fp8_e5m2")
+LUT_DTYPES = tuple(LUT_DTYPE_TABLE)
 
 _LUT_DTYPE_ALIASES: dict[Any, str] = {
-    "f32": "f32", "fp32": "f32", "float32": "f32", "float": "f32", torch.float32: "f32",
-    "f16": "f16", "fp16": "f16", "float16": "f16", "half": "f16", torch.float16: "f16",
-    "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16",
-    "i8": "i8", "int8": "i8", "qint8": "i8", torch.int8: "i8",
-    "u8": "u8", "uint8": "u8", "quint8": "u8", torch.uint8: "u8",
-    "fp8_e4m3": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3", "e4m3": "fp8_e4m3", torch.float8_e4m3fn: "fp8_e4m3",
-    "fp8_e5m2": "fp8_e5m2", "float8_e5m2": "fp8_e5m2", "e5m2": "fp8_e5m2", torch.float8_e5m2: "fp8_e5m2",
+    key: d.name for d in LUT_DTYPE_TABLE.values() for key in (d.name, d.torch_dtype, *d.aliases)
 }
+
+
+def lut_dtype_info(name: str) -> LutDtype:
+    """The table row of a canonical LUT dtype name (see :func:`canonical_lut_dtype` for other spellings)."""
+    return LUT_DTYPE_TABLE[canonical_lut_dtype(name)]
 
 
 def canonical_lut_dtype(value: Any, field_name: str = "lut_dtype") -> str:

@@ -111,8 +111,8 @@ def bits_plot_from_reports(paths: Iterable[Path], reports: list[dict], metric: s
     """Write the metric-vs-bits plot of sibling runs to each of ``paths``."""
     series = [(r["config"]["palettization"]["n_bits"], r["palettized"][metric]) for r in reports
               if metric in r.get("palettized", {})]
-    ratios = {r["config"]["palettization"]["n_bits"]: r["compression"]["ratio"] for r in reports
-              if r.get("compression", {}).get("ratio")}
+    ratios = {r["config"]["palettization"]["n_bits"]: r["compression"]["compression_ratio"] for r in reports
+              if r.get("compression", {}).get("compression_ratio")}
     ptq = [(r["config"]["palettization"]["n_bits"], r["post_training"][metric]) for r in reports
            if metric in (r.get("post_training") or {})]
     errors = {label: {r["config"]["palettization"]["n_bits"]: r[key][f"{metric}_ci95"] for r in reports

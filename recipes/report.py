@@ -25,19 +25,21 @@ def primary_metric(metrics: dict) -> tuple[str, bool]:
 def compression(model: nn.Module) -> dict:
     """Sizes of ``model`` (a finalized, palettized module): float bytes of every floating-point tensor in its
     state_dict, the bytes when palettized weights are stored as packed indices + LUTs (+ scales), and
-    ``ratio = float_bytes / compressed_bytes`` (how many times smaller)."""
+    ``compression_ratio = float_bytes / compressed_bytes`` (how many times smaller)."""
     from dkm_palett.lut import palettized_tensors
+    from dkm_palett.report import record_bytes
 
     state = model.state_dict()
     float_bytes = sum(t.numel() * t.element_size() for t in state.values() if torch.is_floating_point(t))
     pal_float = pal_compressed = count = 0
-    for _, module, param_name, record in palettized_tensors(model):
+    for _, _, _, record in palettized_tensors(model):
         count += 1
-        pal_float += record.numel * getattr(module, param_name).element_size()
-        pal_compressed += (record.storage_bits() + 7) // 8
+        float_part, compressed_part = record_bytes(record)
+        pal_float += float_part
+        pal_compressed += compressed_part
     compressed_bytes = float_bytes - pal_float + pal_compressed
     return {
-        "ratio": float_bytes / compressed_bytes if compressed_bytes else math.nan,
+        "compression_ratio": float_bytes / compressed_bytes if compressed_bytes else math.nan,
         "float_bytes": int(float_bytes),
         "compressed_bytes": int(compressed_bytes),
         "palettized_float_bytes": int(pal_float),
@@ -108,12 +110,12 @@ def summary(report: dict, run_dir: Path) -> str:
     comp = report.get("compression") or {}
     if comp:
         lines.append(f"  size: {_fmt_bytes(comp['float_bytes'])} float -> {_fmt_bytes(comp['compressed_bytes'])} "
-                     f"palettized ({comp['ratio']:.2f}x smaller; {comp['n_palettized_weights']} weights palettized)")
+                     f"palettized ({comp['compression_ratio']:.2f}x smaller; {comp['n_palettized_weights']} weights palettized)")
     metric = report.get("metric", "accuracy")
     for row in report.get("compare", []):
         lines.append(f"  {row['n_bits']}-bit: post-training {_cell(metric, row['post_training'])}"
                      f"  DKM {_cell(metric, row['dkm'])}"
-                     f"  ({row['compression']['ratio']:.2f}x smaller)")
+                     f"  ({row['compression']['compression_ratio']:.2f}x smaller)")
     source = report.get("baseline_source") or {}
     if source.get("reused"):
         lines.append(f"  {'baseline:':<10} reused {source['reused']} (saved {source['saved_s']:.0f} s of training)")

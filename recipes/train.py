@@ -185,7 +185,7 @@ def _plots(cfg, report: dict, lit, float_weights: dict, run_dir: Path) -> list[s
     if cfg.mode == "compare":
         series = {"post-training k-means": [(r["n_bits"], r["post_training"][metric]) for r in report["compare"]],
                   "DKM fine-tuning": [(r["n_bits"], r["dkm"][metric]) for r in report["compare"]]}
-        ratios = {r["n_bits"]: r["compression"]["ratio"] for r in report["compare"]}
+        ratios = {r["n_bits"]: r["compression"]["compression_ratio"] for r in report["compare"]}
         errors = {label: {r["n_bits"]: r[key][f"{metric}_ci95"] for r in report["compare"] if f"{metric}_ci95" in r[key]}
                   for label, key in (("post-training k-means", "post_training"), ("DKM fine-tuning", "dkm"))}
         out.append(str(plots.metric_vs_bits(run_dir / "compare.png", series, metric, report["baseline"][metric],

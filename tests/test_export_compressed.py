@@ -114,7 +114,7 @@ def test_size_is_about_n_over_32_of_float(tmp_path, n_bits):
     numel = 512 * 512
     assert sizes["palettized_float_bytes"] == numel * 4
     assert sizes["palettized_compressed_bytes"] == numel * n_bits // 8 + 2 ** n_bits * 4
-    assert sizes["ratio"] == pytest.approx(n_bits / 32, rel=0.01)
+    assert sizes["compressed_fraction"] == pytest.approx(n_bits / 32, rel=0.01)
     assert sizes["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
     assert sizes["file_bytes"] < numel * 4 * (n_bits / 32) * 1.02 + 4096
     assert sizes["n_palettized"] == 1
@@ -128,7 +128,7 @@ def test_grouped_int8_lut_overhead_is_counted(tmp_path):
     sizes = save_compressed(model, tmp_path / "m.safetensors")
     # packed 4-bit indices + 16 LUTs x 16 int8 entries + 16 float32 scales + 16 int32 zero points
     assert sizes["palettized_compressed_bytes"] == 256 * 256 // 2 + 16 * 16 + 16 * 4 + 16 * 4
-    assert sizes["ratio"] < 0.13
+    assert sizes["compressed_fraction"] < 0.13
 
 
 def test_tied_weights_are_stored_once(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from dkm_palett import DKMPalettizer
 from dkm_palett import kmeans as km
 from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
 from dkm_palett.kmeans import kmeans_1d_exact, kmeans_plus_plus
@@ -50,8 +51,8 @@ def test_kmeans_6bit_readme_example_and_records():
         assert torch.equal(weight, record.to_dense())
         assert torch.unique(weight).numel() <= 64
         assert record.n_bits == 6 and record.indices.max() < 64
-        assert report[name]["status"] == "palettized" and report[name]["mse"] > 0
-    assert report["3.weight"]["status"] == "skipped" and "weight_threshold" in report["3.weight"]["reason"]
+        assert report[name]["palettized"] and report[name]["rms_error"] > 0
+    assert report["3.weight"]["palettized"] is False and "weight_threshold" in report["3.weight"]["reason"]
     assert "0.bias" not in names and "0.bias" not in report
     # plain state dict: same form as a DKM-finalized model
     assert set(out.state_dict()) == set(model.state_dict())
@@ -132,10 +133,10 @@ def test_unique_mode_exact_and_skips():
     record = records_of(out[0])["weight"]
     assert record.n_bits == 3  # 5 values -> smallest width holding them
     assert torch.equal(out[0].weight, model[0].weight)
-    assert report["0.weight"]["mse"] == 0.0
+    assert report["0.weight"]["rms_error"] == 0.0
     # layer 1 has 4096 distinct values: left untouched with a note
     assert torch.equal(out[1].weight, model[1].weight)
-    assert report["1.weight"]["status"] == "skipped" and "distinct values" in report["1.weight"]["reason"]
+    assert report["1.weight"]["palettized"] is False and "distinct values" in report["1.weight"]["reason"]
     # a fixed nbits that cannot hold the values skips too
     out = palettize_weights(model, OptimizationConfig(global_config=OpPalettizerConfig(
         mode="unique", nbits=2, weight_threshold=0)))
@@ -263,3 +264,20 @@ def test_vector_palettization_reproducible_under_seed():
     w = a[0].weight.detach()
     pairs = torch.stack([w[0::2], w[1::2]], -1).reshape(-1, 2)
     assert torch.unique(pairs, dim=0).shape[0] <= 8
+
+
+def test_one_row_schema_and_bytes_from_the_real_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).half()
+    _, report = palettize_weights(model, _cfg(nbits=4, weight_threshold=0), return_report=True)
+    row = report["0.weight"]
+    assert row["float_bytes"] == 64 * 64 * 2  # fp16 weight: 2 bytes per element, not 4
+    assert row["compressed_bytes"] == 64 * 64 * 4 // 8 + 16 * 4  # packed 4-bit indices + 16 float32 LUT entries
+    assert row["compression_ratio"] == row["float_bytes"] / row["compressed_bytes"]
+    dkm_model = nn.Sequential(nn.Linear(64, 64))
+    palettizer = DKMPalettizer(dkm_model, {"global_config": {"n_bits": 4, "weight_threshold": 0}})
+    palettizer.prepare(inplace=True)
+    palettizer.finalize(inplace=True)
+    dkm_row = palettizer.report()["0.weight"]
+    assert set(row) - {"module_type", "mode"} == set(dkm_row) - {"enabled", "steps"}
+    assert dkm_row["float_bytes"] == 64 * 64 * 4

@@ -85,7 +85,7 @@ def test_default_run_writes_report_plots_logs_artifacts(digits_run):
     assert "95% interval over n=360 validation samples" in text
     comp = on_disk["compression"]
     assert comp["float_bytes"] > comp["compressed_bytes"] > 0
-    assert comp["ratio"] == pytest.approx(comp["float_bytes"] / comp["compressed_bytes"])
+    assert comp["compression_ratio"] == pytest.approx(comp["float_bytes"] / comp["compressed_bytes"])
     assert comp["n_palettized_weights"] == 3
     # conv2, conv3 and fc1 exceed weight_threshold=2048; the first conv and the head stay float
     layers = on_disk["layers"]
@@ -135,7 +135,7 @@ def test_baseline_checkpoint_and_grouped_2bit_override(digits_run, tmp_path):
     conv3 = report["layers"]["net.features.5.weight"]
     assert conv3["n_bits"] == 2 and conv3["n_groups"] == 64 // 8
     assert report["layers"]["net.classifier.1.weight"]["n_groups"] == 128 // 8
-    assert report["compression"]["ratio"] > first["compression"]["ratio"]
+    assert report["compression"]["compression_ratio"] > first["compression"]["compression_ratio"]
 
 
 # ----------------------------------------------------------------------------------------------- fail fast
@@ -225,7 +225,7 @@ def test_compare_mode_loops_over_bits_in_one_run(tmp_path):
     assert [row["n_bits"] for row in report["compare"]] == [1, 4]
     for row in report["compare"]:
         assert 0 <= row["post_training"]["accuracy"] <= 1 and 0 <= row["dkm"]["accuracy"] <= 1
-    ratios = [row["compression"]["ratio"] for row in report["compare"]]
+    ratios = [row["compression"]["compression_ratio"] for row in report["compare"]]
     assert ratios[0] > ratios[1] > 1
     assert report["post_training"] == report["compare"][1]["post_training"]
     assert report["palettized"] == report["compare"][1]["dkm"]

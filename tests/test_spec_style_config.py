@@ -226,4 +226,4 @@ def test_parallel_workers_match_sequential():
     for (n1, _, _, r1), (n2, _, _, r2) in zip(palettized_tensors(seq), palettized_tensors(par)):
         assert n1 == n2 and torch.equal(r1.indices, r2.indices) and torch.equal(r1.lut, r2.lut)
     report = palettizer.report()
-    assert report["0.weight"]["n_bits"] == 2 and report["0.weight"]["n_luts"] == 8
+    assert report["0.weight"]["n_bits"] == 2 and report["0.weight"]["n_groups"] == 8

@@ -9,10 +9,10 @@ from typing import IO, Any, Union
 import torch
 import yaml
 
+from dkm_palett.spec import LUT_DTYPE_TABLE
 from dkm_palett.validation import check_keys
 
-_TORCH_DTYPES = {str(d): d for d in (torch.qint8, torch.quint8, torch.int8, torch.uint8, torch.float16,
-                                     torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)}
+_TORCH_DTYPES = {str(d): d for d in (torch.qint8, torch.quint8, *(row.torch_dtype for row in LUT_DTYPE_TABLE.values()))}
 
 
 def to_plain(value: Any) -> Any:

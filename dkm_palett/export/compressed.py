@@ -24,21 +24,11 @@ from torch import nn
 
 from dkm_palett import lut as lut_mod
 from dkm_palett.io import atomic_path
-from dkm_palett.spec import LUT_DTYPES
+from dkm_palett.spec import LUT_DTYPE_TABLE, LUT_DTYPES, lut_dtype_info
 
 FORMAT_NAME = "dkm_palett.compressed"
 FORMAT_VERSION = 1
 SEP = "::"
-
-_LUT_TORCH_DTYPE = {
-    "f32": torch.float32,
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
-_INT_LUT_DTYPE = {"i8": torch.int8, "u8": torch.uint8}
-
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
@@ -57,16 +47,16 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _record_tensors(name: str, rec: lut_mod.PalettizedTensor) -> dict[str, torch.Tensor]:
     out = {f"{name}{SEP}indices": lut_mod.pack_indices(rec.indices, rec.n_bits)}
-    if rec.lut_dtype in _INT_LUT_DTYPE:
+    info = lut_dtype_info(rec.lut_dtype)
+    if info.is_integer:
         quant = rec.lut_quant
         if quant is None:
             raise ValueError(f"{name}: lut_dtype={rec.lut_dtype!r} but the record holds no integer LUT (lut_quant).")
-        out[f"{name}{SEP}lut_q"] = quant.q.detach().cpu().to(_INT_LUT_DTYPE[rec.lut_dtype]).contiguous()
+        out[f"{name}{SEP}lut_q"] = quant.q.detach().cpu().to(info.torch_dtype).contiguous()
         out[f"{name}{SEP}lut_scale"] = quant.scale.detach().cpu().float().contiguous()
         out[f"{name}{SEP}lut_zero_point"] = quant.zero_point.detach().cpu().to(torch.int32).contiguous()
     else:
-        target = _LUT_TORCH_DTYPE[rec.lut_dtype]
-        stored = rec.lut.detach().cpu().float().to(target)
+        stored = rec.lut.detach().cpu().float().to(info.torch_dtype)
         if not torch.equal(stored.float(), rec.lut.detach().cpu().float()):
             raise ValueError(f"{name}: the LUT values are not exactly representable in lut_dtype={rec.lut_dtype!r}.")
         out[f"{name}{SEP}lut"] = stored.contiguous()
@@ -87,7 +77,7 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     """Write ``model`` (finalized, with palettized weights) to one safetensors file, atomically.
 
     Returns sizes in bytes: ``palettized_float_bytes`` (dense size of the palettized weights),
-    ``palettized_compressed_bytes`` (their indices + LUTs + scales), ``ratio`` (compressed / float) and
+    ``palettized_compressed_bytes`` (their indices + LUTs + scales), ``compressed_fraction`` (compressed / float) and
     ``file_bytes`` (the whole file).
     """
     from safetensors.torch import save_file
@@ -107,7 +97,7 @@ def save_compressed(model: nn.Module, path: Union[str, os.PathLike]) -> dict:
     return {
         "palettized_float_bytes": float_bytes,
         "palettized_compressed_bytes": compressed_bytes,
-        "ratio": compressed_bytes / float_bytes if float_bytes else float("nan"),
+        "compressed_fraction": compressed_bytes / float_bytes if float_bytes else float("nan"),
         "file_bytes": Path(path).stat().st_size,
         "n_palettized": len(meta),
     }
@@ -211,7 +201,7 @@ def _rebuild_record(name: str, info: dict, tensors: dict, path: Path) -> lut_mod
         raise ValueError(f"{str(path)!r}: packed indices of {name!r} have the wrong size (corrupt file).")
     indices = lut_mod.unpack_indices(packed, n_bits, count).reshape(n_groups, count // n_groups)
     lut_quant = None
-    if lut_dtype in _INT_LUT_DTYPE:
+    if LUT_DTYPE_TABLE[lut_dtype].is_integer:
         lut_quant = lut_mod.LutQuantization(
             q=_take(tensors, f"{name}{SEP}lut_q", path),
             scale=_take(tensors, f"{name}{SEP}lut_scale", path).float(),

@@ -45,7 +45,7 @@ from dkm_palett.export.coreml_mil import (
 from dkm_palett.export.coreml_read import load_program, read_back_lut_weights
 from dkm_palett.io import atomic_directory
 from dkm_palett.progress import StageBar, show_progress
-from dkm_palett.spec import ALLOWED_N_BITS
+from dkm_palett.spec import ALLOWED_N_BITS, lut_dtype_info
 from dkm_palett.validation import check_choice
 
 __all__ = ["export_coreml", "required_target", "load_program", "read_back_lut_weights"]
@@ -84,7 +84,7 @@ def _features(rec: lut_mod.PalettizedTensor) -> list[str]:
         out.append(f"vector palettization (cluster_dim={rec.cluster_dim})")
     if rec.scale is not None:
         out.append("per-channel scale")
-    if rec.lut_dtype in ("i8", "u8"):
+    if lut_dtype_info(rec.lut_dtype).is_integer:
         out.append(f"quantized LUT (lut_dtype={rec.lut_dtype!r})")
     if rec.n_bits == 3:
         out.append("3-bit indices")
@@ -129,7 +129,7 @@ def _check_records(records, target) -> None:
 def _auto_precision(records) -> str:
     """float16 only when every palettized weight is exactly representable at fp16, else float32."""
     for _, _, _, rec in records:
-        if rec.lut_dtype in ("f32", "i8", "u8") or rec.scale is not None or not fp16_exact(rec.lut):
+        if rec.lut_dtype == "f32" or lut_dtype_info(rec.lut_dtype).is_integer or rec.scale is not None or not fp16_exact(rec.lut):
             return "float32"
     return "float16" if records else "float32"
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dkm_palett import lut as lut_mod
+from dkm_palett.spec import lut_dtype_info
 
 _PLACEHOLDER_BASE = 1024  # placeholder LUT values are small integers, exact in fp16
 
@@ -59,7 +60,7 @@ def fp16_exact(values: torch.Tensor) -> bool:
 
 def float_lut(name: str, rec: lut_mod.PalettizedTensor) -> torch.Tensor:
     """The float LUT values Core ML will hold; bf16/fp8 LUTs go as fp16 when that is lossless."""
-    if rec.lut_dtype in ("bf16", "fp8_e4m3", "fp8_e5m2"):
+    if not lut_dtype_info(rec.lut_dtype).coreml_native:
         if not fp16_exact(rec.lut):
             raise ValueError(
                 f"{name}: Core ML has no {rec.lut_dtype} LUT dtype and its LUT values are not exactly representable "
@@ -110,11 +111,11 @@ def _exact_var(name: str, rec: lut_mod.PalettizedTensor, out_np, before_op, ios1
         )
     idx_np = types.nptype_from_builtin(types.string_to_builtin(f"uint{rec.n_bits}"))
     indices = rec.coreml_indices().numpy().astype(idx_np)
-    if rec.lut_dtype in ("i8", "u8"):
+    if lut_dtype_info(rec.lut_dtype).is_integer:
         quant = rec.lut_quant
         if quant is None:
             raise ValueError(f"{name}: lut_dtype={rec.lut_dtype!r} but the record holds no integer LUT (lut_quant).")
-        int_np = np.int8 if rec.lut_dtype == "i8" else np.uint8
+        int_np = torch.empty(0, dtype=lut_dtype_info(rec.lut_dtype).torch_dtype).numpy().dtype
         q = rec.coreml_lut(quant.q).numpy().astype(int_np)
         view = [1] * (len(rec.shape) + 2)
         view[rec.axis] = rec.n_groups

@@ -21,6 +21,7 @@ from dkm_palett.post_training.jobs import (
     skip_entry,
 )
 from dkm_palett.progress import show_progress
+from dkm_palett.report import Report
 from dkm_palett.validation import check_finite, check_int, check_type
 
 
@@ -92,8 +93,9 @@ def palettize_weights(model: nn.Module, config: Union[OptimizationConfig, OpPale
     """Palettize ``model``'s supported weights after training, without data (coremltools ``palettize_weights``).
 
     Returns the palettized model (a deep copy unless ``inplace``), or ``(model, report)`` with
-    ``return_report=True``: the report maps each supported weight's qualified name to a dict with ``status``
-    (``palettized``/``skipped``), and either the LUT facts and ``mse`` or the ``reason`` it was skipped.
+    ``return_report=True``: a :class:`~dkm_palett.report.Report` mapping each supported weight's qualified name to
+    its row (:func:`~dkm_palett.report.record_stats`: LUT facts, bytes, ``rms_error``; or ``palettized=False`` and
+    the ``reason`` it was skipped).
     ``num_workers`` defaults to the largest ``num_kmeans_workers`` in the config. ``progress``: a bar over the
     weights (``None``: only in interactive sessions, see ``dkm_palett.progress``).
     """
@@ -106,7 +108,7 @@ def palettize_weights(model: nn.Module, config: Union[OptimizationConfig, OpPale
     report: dict = {}
     targets, workers = coreml_targets(model, config, report)
     execute(targets, report, num_workers if num_workers is not None else workers, show)
-    return (model, report) if return_report else model
+    return (model, Report(report)) if return_report else model
 
 
 # ----------------------------------------------------------------------------------------- spec style
@@ -179,5 +181,5 @@ class KMeansPalettizer:
         return model
 
     def report(self) -> dict:
-        """Per-weight facts from the last ``prepare``/``compress``: n_bits, LUT count, MSE, storage bits."""
-        return dict(self._report)
+        """Per-weight rows (:func:`dkm_palett.report.record_stats` schema) from the last ``prepare``/``compress``."""
+        return Report(self._report)

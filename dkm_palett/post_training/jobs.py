@@ -14,6 +14,7 @@ from torch import nn
 from dkm_palett.lut import PalettizedTensor, attach
 from dkm_palett.post_training.clustering import cluster_weight
 from dkm_palett.progress import progress_bar
+from dkm_palett.report import record_stats, skipped_stats
 from dkm_palett.spec import PalettizationSpec
 from dkm_palett.validation import check_int
 
@@ -68,21 +69,11 @@ def job_seed(base: int, name: str) -> int:
 
 
 def _entry(record: PalettizedTensor, original: torch.Tensor, mode: str, module: nn.Module) -> dict:
-    dense = record.to_dense().float()
-    orig = original.detach().float().cpu()
-    original_bits = record.numel * torch.finfo(record.dtype).bits
-    bits = record.storage_bits()
-    return {
-        "status": "palettized", "module_type": type(module).__name__, "mode": mode, "shape": list(record.shape),
-        "numel": record.numel, "n_bits": record.n_bits, "n_luts": record.n_groups, "cluster_dim": record.cluster_dim,
-        "lut_dtype": record.lut_dtype, "per_channel_scale": record.scale is not None,
-        "mse": float(((dense - orig) ** 2).mean()), "storage_bits": bits,
-        "compression_ratio": original_bits / bits,
-    }
+    return {**record_stats(record, original), "module_type": type(module).__name__, "mode": mode}
 
 
 def skip_entry(module: nn.Module, reason: str, numel: int) -> dict:
-    return {"status": "skipped", "module_type": type(module).__name__, "numel": numel, "reason": reason}
+    return skipped_stats(reason, module_type=type(module).__name__, n_params=numel)
 
 
 @dataclass
