@@ -12,6 +12,7 @@ from torch import nn
 
 from dkm_palett import kmeans as km
 from dkm_palett import recompute
+from dkm_palett.budget import MemoryBudget, available_memory_bytes  # noqa: F401 (public here)
 from dkm_palett.config.training import ModuleDKMPalettizerConfig
 from dkm_palett.dkm_binned import BinnedDKM, grid_points
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
@@ -33,20 +34,6 @@ MAX_GRID_ENTRIES = 1 << 24  # binned DKM: at most this many grid points over all
 FUSED_MAX_CLUSTERS = 17  # auto: exact fused kernels up to 4 bits (+ an extra centroid); measured in benchmarks/
 _INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weighted) points per LUT
 _log = logging.getLogger(__name__)
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Free memory on ``device``: CUDA's free memory, or MemAvailable from /proc/meminfo on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2 ** 30
 
 
 class FakePalettize(nn.Module):
@@ -84,6 +71,8 @@ class FakePalettize(nn.Module):
         self.register_buffer("last_error", torch.tensor(float("nan")))
         self._seed = zlib.crc32(name.encode())
         self.init_progress: Optional[LayerProgress] = None  # set by DKMPalettizer: one bar over the layers' inits
+        #: palett_max_mem's budget; DKMPalettizer.prepare gives all layers of a model the same one
+        self.memory_budget = MemoryBudget()
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -119,7 +108,8 @@ class FakePalettize(nn.Module):
         return dense.to(dtype)
 
     def _budget(self, device: torch.device) -> float:
-        return self.config.palett_max_mem * available_memory_bytes(device)
+        """The DKM memory this layer may use now (shared with the model's other layers, see budget.py)."""
+        return self.memory_budget.free(self.config.palett_max_mem, device)
 
     def engine(self, weight: torch.Tensor, x: torch.Tensor, c0: torch.Tensor) -> tuple[str, int]:
         """``(name, grid points)`` of the DKM implementation for this step: ``"fused"`` (exact, scalar ``dkm`` mode
@@ -244,6 +234,9 @@ class FakePalettize(nn.Module):
         rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget, x.shape[0])
         choice = self.engine(weight, x, c0)
         out, c = self._dkm(x, c0, p, rows, budget, choice, weight)
+        dense = getattr(out.grad_fn, "engine", None)  # the dense engine keeps its attention for backward
+        if dense is not None and dense.cache is not None:
+            self.memory_budget.hold(dense, dense.cache_size(self.n_clusters))
         with torch.no_grad():
             self.centroids.copy_(c)
             self.steps += 1

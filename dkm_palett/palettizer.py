@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dkm_palett import recompute
+from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.lut import attach, palettized_tensors, records_of
@@ -85,6 +86,7 @@ class DKMPalettizer:
         """Insert a FakePalettize parametrization on every weight the config selects."""
         model = self.model if inplace else copy.deepcopy(self.model)
         self.skipped = {}
+        budget = MemoryBudget()  # palett_max_mem bounds the DKM memory of the whole model
         for name, module in list(model.named_modules()):
             if parametrize.is_parametrized(module) and any(True for _ in fake_palettizers(module)):
                 continue
@@ -107,6 +109,7 @@ class DKMPalettizer:
                     continue
                 spec = cfg.to_spec(module, weight, full)
                 fp = FakePalettize(spec, cfg, tuple(weight.shape), name=full).to(weight.device)
+                fp.memory_budget = budget
                 parametrize.register_parametrization(module, param_name, fp, unsafe=True)
                 recompute.install(module)
             if cfg.quantize_activations and not hasattr(module, "activation_fake_quant"):
