@@ -12,6 +12,7 @@ from torch import nn
 
 from dkm_palett import kmeans as km
 from dkm_palett import recompute
+from dkm_palett.kmeans.histogram import histogram_points
 from dkm_palett.budget import MemoryBudget, available_memory_bytes  # noqa: F401 (public here)
 from dkm_palett.config.training import ModuleDKMPalettizerConfig
 from dkm_palett.dkm_binned import BinnedDKM, grid_points
@@ -321,10 +322,4 @@ def _compress_points(x: torch.Tensor, generator: torch.Generator) -> tuple[torch
         return x, None
     if x.shape[1] > 1:
         return x[torch.randperm(x.shape[0], generator=generator)[:_INIT_POINTS]], None
-    v = x[:, 0]
-    lo, hi = v.min(), v.max()
-    b = ((v - lo) * ((_INIT_POINTS - 1) / (hi - lo).clamp_min(1e-30))).round_().long()
-    counts = torch.bincount(b, minlength=_INIT_POINTS).double()
-    sums = torch.bincount(b, weights=v.double(), minlength=_INIT_POINTS)
-    keep = counts > 0
-    return (sums[keep] / counts[keep]).float().unsqueeze(1), counts[keep].float()
+    return histogram_points(x[:, 0], _INIT_POINTS)
