@@ -159,7 +159,7 @@ class PalettizedTensor:
     """A palettized weight: ``dense = lut[group][indices] (* per-channel scale)``, in the grouped layout."""
 
     lut: torch.Tensor  # (G, K, D) float32: the stored values (already rounded to lut_dtype)
-    indices: torch.Tensor  # (G, M) int64
+    indices: torch.Tensor  # (G, M) uint8 (n_bits <= 8): 1 byte a weight, so a finalized 1B model stays small
     shape: tuple[int, ...]
     axis: int
     group_size: int
@@ -181,9 +181,13 @@ class PalettizedTensor:
     def numel(self) -> int:
         return int(np.prod(self.shape))
 
+    def __post_init__(self):
+        if self.indices.dtype != torch.uint8:
+            self.indices = self.indices.to(torch.uint8)
+
     def to_dense(self) -> torch.Tensor:
         vectors = torch.gather(
-            self.lut, 1, self.indices.unsqueeze(-1).expand(-1, -1, self.cluster_dim)
+            self.lut, 1, self.indices.long().unsqueeze(-1).expand(-1, -1, self.cluster_dim)
         )
         dense = from_grouped_vectors(vectors, self.shape, self.axis, self.group_size)
         if self.scale is not None:
