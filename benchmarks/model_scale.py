@@ -131,14 +131,24 @@ def cell_key(spec: dict) -> str:
     return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}"
 
 
+def _progress(stderr) -> dict:
+    """The steps a timed-out worker finished (its ``step i: t s, peak m MiB`` lines)."""
+    text = stderr.decode() if isinstance(stderr, bytes) else (stderr or "")
+    steps = [ln.split() for ln in text.splitlines() if ln.startswith("step ")]
+    if not steps:
+        return {}
+    times, peaks = [float(s[2]) for s in steps], [float(s[5]) for s in steps]
+    return {"partial_steps_s": times, "first_s": times[0], "first_peak_mib": peaks[0], "peak_mib": peaks[-1]}
+
+
 def run_cell(spec: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     env = {**os.environ, "TQDM_DISABLE": "1"}
     try:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        res = {"error": f"timeout >{timeout:.0f} s"}
+    except subprocess.TimeoutExpired as exc:
+        res = {"error": f"timeout >{timeout:.0f} s", **_progress(exc.stderr)}
     else:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode == 0 and lines:

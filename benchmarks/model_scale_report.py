@@ -46,8 +46,12 @@ def _main_table(results: dict) -> list[str]:
         size = _params(ours, plain)
         inp = f"32x3x32x32" if model.startswith("resnet") else f"1x{tokens}"
         if not _ok(ours):
-            lines.append(f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {ours['error']} "
-                         f"| — | — | — | {_gib(ref.get('peak_mib'))} | — | — |")
+            done = ours.get("partial_steps_s", [])
+            later = f"{len(done) - 1} later steps: " + ", ".join(_s(t) for t in done[1:]) if len(done) > 1 else "—"
+            lines.append(f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {ours['error']}"
+                         f"{'; first step ' + _s(done[0]) if done else ''} | — | {later} | — "
+                         f"| {_gib(ref.get('peak_mib'))} | {_gib(ours.get('peak_mib'))} "
+                         f"| {_ratio(ours.get('peak_mib'), ref.get('peak_mib'))} |")
             continue
         init = None if not _ok(plain) else ours["first_s"] - plain["step_s"]
         lines.append(
