@@ -162,18 +162,18 @@ def run_cell(spec: dict, timeout: float) -> dict:
     return {**spec, **res}
 
 
-def load_results() -> dict:
-    if os.path.exists(RESULTS):
-        with open(RESULTS) as handle:
+def load_results(path: str = RESULTS) -> dict:
+    if os.path.exists(path):
+        with open(path) as handle:
             return json.load(handle)
     return {}
 
 
-def save_results(results: dict) -> None:
+def save_results(results: dict, path: str = RESULTS) -> None:
     sys.path.insert(0, ROOT)
     from dkm_palett.io import atomic_write_text
 
-    atomic_write_text(RESULTS, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 def main() -> None:
@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--ct-timeout", type=float, default=1200.0)
     ap.add_argument("--ct-cap-gib", type=float, default=10.0)
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the saved results")
+    ap.add_argument("--results", default=RESULTS, help="where the cells' results accumulate (JSON)")
     args = ap.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
@@ -207,9 +208,11 @@ def main() -> None:
                         specs.setdefault(cell_key(spec), spec)
         for key, spec in specs.items():
             res = run_cell(spec, args.ct_timeout if spec["impl"] == "coremltools" else args.timeout)
-            results = load_results()
+            results = load_results(args.results)
             results[key] = res
-            save_results(results)
+            save_results(results, args.results)
+        if args.results != RESULTS:
+            return
     from model_scale_report import write_report
 
     write_report(load_results())
