@@ -389,7 +389,7 @@ def main():
                              timeout=1800)
         binned_error = out.stdout.strip() if out.returncode == 0 else f"failed rc={out.returncode}"
     saved = {}
-    for name in ("charlm_binned_vs_exact", "sensitivity_charlm"):
+    for name in ("charlm_binned_vs_exact", "sensitivity_charlm", "model_scale"):
         path = os.path.join(HERE, "results", name + ".md")
         if os.path.exists(path):
             with open(path) as f:
@@ -446,6 +446,11 @@ def main():
         doc += ["## Sensitivity-weighted vs plain post-training k-means (charlm)", "",
                 "`python benchmarks/sensitivity_charlm.py --granularity per_tensor per_tensor_scale per_channel "
                 "--out benchmarks/results/sensitivity_charlm.md` (saved output):", "", saved["sensitivity_charlm"], ""]
+    if "model_scale" in saved:
+        doc += ["## Whole models: DKM at 7M-1.1B parameters", "",
+                "`python benchmarks/model_scale.py` (its cells take hours on this machine, so `run.py` includes the "
+                "saved `benchmarks/results/model_scale.md`):", "", saved["model_scale"].replace("../model_scale.png",
+                                                                                             "model_scale.png"), ""]
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(doc))
