@@ -39,6 +39,11 @@ def _main_table(results: dict) -> list[str]:
     lines = ["| model | params | input | bits | plain step | DKM first step | init (first - plain) | DKM step | "
              "DKM/plain step | plain peak RSS | DKM peak RSS | DKM/plain peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    done = {(m, t) for m, t, _, _, ours, _ in _cells(results) if ours is not None}
+    for r in results.values():  # plain cells whose DKM cell was not run
+        if r["impl"] == "plain" and (r["model"], r["tokens"]) not in done and _ok(r):
+            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | {_s(r['step_s'])} | not run | — | — "
+                         f"| — | {_gib(r['peak_mib'])} | — | — |")
     for model, tokens, bits, plain, ours, _ in _cells(results):
         if ours is None:
             continue
