@@ -49,6 +49,24 @@ def coerce_entry(value: Any, cls: type, where: str, alternatives: str = "a dict 
     raise TypeError(f"{where} must be {article} {cls.__name__}, {alternatives}; got {type(value).__name__}.")
 
 
+def coerce_model_config(value: Any, model_cls: type, module_cls: type, accepted: str, *,
+                        allow_none: bool = False, allow_yaml: bool = False) -> Any:
+    """The one coercion of a front door's ``config`` argument into ``model_cls``: an instance as is, a module-level
+    ``module_cls`` as its global config, a dict via ``from_dict``, optionally None (defaults) and a YAML path or
+    stream. Anything else raises a TypeError that lists ``accepted``."""
+    if value is None and allow_none:
+        return model_cls()
+    if isinstance(value, model_cls):
+        return value
+    if isinstance(value, module_cls):
+        return model_cls(global_config=value)
+    if isinstance(value, dict):
+        return model_cls.from_dict(value)
+    if allow_yaml and (hasattr(value, "read") or isinstance(value, str) or hasattr(value, "__fspath__")):
+        return model_cls.from_dict(load_yaml_mapping(value))
+    raise TypeError(f"config must be {accepted}; got {type(value).__name__}.")
+
+
 def load_yaml_mapping(yml: Union[IO, str, os.PathLike]) -> dict:
     """Read a YAML mapping from a stream, a path, or a YAML string."""
     if hasattr(yml, "read"):

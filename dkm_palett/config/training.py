@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from dkm_palett.config.base import ConfigIO, coerce_entry, load_yaml_mapping
+from dkm_palett.config.base import ConfigIO, coerce_entry, coerce_model_config
 from dkm_palett.module_support import resolve_type_key, type_name
 from dkm_palett.spec import (
     ALLOWED_N_BITS,
@@ -263,15 +263,6 @@ def _module_entry(value: Any, where: str, allow_list: bool) -> ModuleConfigEntry
 
 def load_dkm_config(source: Any) -> DKMPalettizerConfig:
     """A DKMPalettizerConfig from a config, a dict, a YAML path/stream, or None (defaults)."""
-    if source is None:
-        return DKMPalettizerConfig()
-    if isinstance(source, DKMPalettizerConfig):
-        return source
-    if isinstance(source, ModuleDKMPalettizerConfig):
-        return DKMPalettizerConfig(global_config=source)
-    if isinstance(source, dict):
-        return DKMPalettizerConfig.from_dict(source)
-    if hasattr(source, "read") or isinstance(source, str) or hasattr(source, "__fspath__"):
-        return DKMPalettizerConfig.from_dict(load_yaml_mapping(source))
-    raise TypeError(f"config must be a DKMPalettizerConfig, a dict, a YAML path or None; got {type(source).__name__}.")
+    return coerce_model_config(source, DKMPalettizerConfig, ModuleDKMPalettizerConfig,
+                               "a DKMPalettizerConfig, a dict, a YAML path or None", allow_none=True, allow_yaml=True)
 

@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from dkm_palett.config.base import coerce_model_config
 from dkm_palett.config.kmeans_palettizer import KMeansPalettizerConfig, ModuleKMeansPalettizerConfig
 from dkm_palett.config.palettize_weights import COREML_OP_ALIASES, OpPalettizerConfig, OptimizationConfig
 from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params
@@ -26,14 +27,8 @@ from dkm_palett.validation import check_finite, check_int, check_type
 
 
 def as_optimization_config(config: Any) -> OptimizationConfig:
-    if isinstance(config, OptimizationConfig):
-        return config
-    if isinstance(config, OpPalettizerConfig):
-        return OptimizationConfig(global_config=config)
-    if isinstance(config, dict):
-        return OptimizationConfig.from_dict(config)
-    raise TypeError("config must be an OptimizationConfig, an OpPalettizerConfig or a dict; "
-                    f"got {type(config).__name__}.")
+    return coerce_model_config(config, OptimizationConfig, OpPalettizerConfig,
+                               "an OptimizationConfig, an OpPalettizerConfig or a dict")
 
 
 def _check_coreml_targets(model: nn.Module, config: OptimizationConfig) -> None:
@@ -115,16 +110,9 @@ def palettize_weights(model: nn.Module, config: Union[OptimizationConfig, OpPale
 
 
 def _as_kmeans_config(config: Any) -> KMeansPalettizerConfig:
-    if config is None:
-        return KMeansPalettizerConfig()
-    if isinstance(config, KMeansPalettizerConfig):
-        return config
-    if isinstance(config, ModuleKMeansPalettizerConfig):
-        return KMeansPalettizerConfig(global_config=config)
-    if isinstance(config, dict):
-        return KMeansPalettizerConfig.from_dict(config)
-    raise TypeError("config must be a KMeansPalettizerConfig, a ModuleKMeansPalettizerConfig, a dict or None; "
-                    f"got {type(config).__name__}.")
+    return coerce_model_config(config, KMeansPalettizerConfig, ModuleKMeansPalettizerConfig,
+                               "a KMeansPalettizerConfig, a ModuleKMeansPalettizerConfig, a dict or None",
+                               allow_none=True)
 
 
 class KMeansPalettizer:
