@@ -14,7 +14,7 @@ from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.lut import attach, palettized_tensors, records_of
-from dkm_palett.module_support import SUPPORTED_PARAMS, is_supported, name_matches, supported_params, type_name
+from dkm_palett.module_support import is_supported
 from dkm_palett.plots import weight_histogram
 from dkm_palett.progress import LayerProgress, progress_bar, show_progress
 from dkm_palett.report import Report, record_stats, skipped_stats
@@ -57,62 +57,24 @@ class DKMPalettizer:
         self._final_stats: dict[str, dict] = {}
         self._final_histograms: dict[str, tuple] = {}  # of the float weights, for Report.plot() after finalize
 
-    # ------------------------------------------------------------------------------------ config resolution
-    def module_config(self, name: str, module: nn.Module) -> tuple[Optional[ModuleDKMPalettizerConfig], bool]:
-        """The config for ``module`` and whether it was chosen explicitly (by exact name or by type)."""
-        cfg = self.config
-        if name in cfg.module_name_configs:
-            return cfg.module_name_configs[name], True
-        for pattern, entry in cfg.module_name_configs.items():
-            if name_matches(pattern, name):
-                return entry, False
-        for cls in type(module).__mro__:
-            if cls in cfg.module_type_configs:
-                entry = cfg.module_type_configs[cls]
-                if isinstance(entry, list):
-                    entry = self._by_threshold(entry, module)
-                return entry, cls is type(module) or entry is not None
-        return cfg.global_config, False
-
-    @staticmethod
-    def _by_threshold(entries: list, module: nn.Module) -> Optional[ModuleDKMPalettizerConfig]:
-        sizes = [getattr(module, p).numel() for p in supported_params(module)] or [0]
-        numel = max(sizes)
-        fitting = [e for e in entries if numel > e.weight_threshold]
-        return max(fitting, key=lambda e: e.weight_threshold) if fitting else None
-
     # ------------------------------------------------------------------------------------ prepare
     def prepare(self, inplace: bool = False) -> nn.Module:
-        """Insert a FakePalettize parametrization on every weight the config selects."""
+        """Insert a FakePalettize parametrization on every weight the config plans (``config.plan``); weights it
+        skips are listed in the report with their reason."""
         model = self.model if inplace else copy.deepcopy(self.model)
         self.skipped = {}
         budget = MemoryBudget()  # palett_max_mem bounds the DKM memory of the whole model
-        for name, module in list(model.named_modules()):
-            if parametrize.is_parametrized(module) and any(True for _ in fake_palettizers(module)):
-                continue
-            cfg, explicit = self.module_config(name, module)
-            if cfg is None:
-                continue
-            if not is_supported(module):
-                if explicit:
-                    supported = ", ".join(sorted(type_name(t) for t in SUPPORTED_PARAMS))
-                    raise ValueError(f"module {name!r} ({type(module).__name__}) is configured explicitly but cannot be "
-                                     f"palettized; supported module types: {supported}.")
-                if isinstance(getattr(module, "weight", None), nn.Parameter) and not list(module.children()):
-                    self.skipped[name] = f"unsupported module type {type(module).__name__}"
-                continue
-            for param_name in supported_params(module):
-                weight = getattr(module, param_name)
-                full = f"{name}.{param_name}" if name else param_name
-                if weight.numel() <= cfg.weight_threshold:
-                    self.skipped[full] = f"{weight.numel()} elements <= weight_threshold={cfg.weight_threshold}"
-                    continue
-                spec = cfg.to_spec(module, weight, full)
-                fp = FakePalettize(spec, cfg, tuple(weight.shape), name=full).to(weight.device)
+        for planned in self.config.plan(model):
+            module, cfg = planned.module, planned.config
+            if planned.selected:
+                weight = planned.weight
+                fp = FakePalettize(planned.spec, cfg, tuple(weight.shape), name=planned.name).to(weight.device)
                 fp.memory_budget = budget
-                parametrize.register_parametrization(module, param_name, fp, unsafe=True)
+                parametrize.register_parametrization(module, planned.param_name, fp, unsafe=True)
                 recompute.install(module)
-            if cfg.quantize_activations and not hasattr(module, "activation_fake_quant"):
+            else:
+                self.skipped[planned.name] = planned.reason
+            if cfg.quantize_activations and is_supported(module) and not hasattr(module, "activation_fake_quant"):
                 self._add_activation_quant(module, cfg)
         self.model = model
         self._sync_enabled()

@@ -50,29 +50,16 @@ def build_dkm_config(palettization: Any, n_bits: int | None = None):
 
 
 def check_layers(model, dkm_config) -> list[str]:
-    """Resolve the config on every weight of ``model`` exactly as DKMPalettizer.prepare would, without touching the
-    model; raise ValueError naming the layer and field when a weight cannot take it. Returns the weight names."""
-    from dkm_palett.module_support import is_supported, supported_params
-    from dkm_palett.palettizer import DKMPalettizer
-
-    palettizer = DKMPalettizer(model, dkm_config)
-    selected, largest = [], 0
-    for name, module in model.named_modules():
-        cfg, _ = palettizer.module_config(name, module)
-        if cfg is None or not is_supported(module):
-            continue
-        for param_name in supported_params(module):
-            weight = getattr(module, param_name)
-            full = f"{name}.{param_name}" if name else param_name
-            largest = max(largest, weight.numel())
-            if weight.numel() <= cfg.weight_threshold:
-                continue
-            try:
-                cfg.to_spec(module, weight, full)
-            except (ValueError, TypeError) as err:
-                raise _prefixed(err) from None
-            selected.append(full)
+    """Plan ``dkm_config`` on ``model`` (the plan ``DKMPalettizer.prepare`` consumes) without touching the model;
+    raise ValueError naming the layer and field when a weight cannot take it, or when no weight is selected.
+    Returns the selected weight names."""
+    try:
+        planned = dkm_config.plan(model)
+    except (ValueError, TypeError) as err:
+        raise _prefixed(err) from None
+    selected = [p.name for p in planned if p.selected]
     if not selected:
+        largest = max((p.weight.numel() for p in planned if p.param_name is not None), default=0)
         threshold = dkm_config.global_config.weight_threshold if dkm_config.global_config else None
         raise ValueError(f"palettization.weight_threshold={threshold} leaves no weight to palettize (the largest "
                          f"supported weight has {largest} elements); lower it below {largest}.")

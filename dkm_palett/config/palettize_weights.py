@@ -7,15 +7,13 @@ names (exact, a full regex, or ``<module>.<param>``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import os
-from typing import IO, Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
-import yaml
 from torch import nn
 
-from dkm_palett.config.base import coerce_entry, load_yaml_mapping
-from dkm_palett.io import atomic_write_text
-from dkm_palett.module_support import name_matches, resolve_type_key, type_name
+from dkm_palett.config.base import ConfigIO, ModelConfig
+from dkm_palett.module_support import resolve_type_key, supported_params
+from dkm_palett.plan import PlannedWeight, full_name
 from dkm_palett.spec import (
     ALLOWED_N_BITS,
     GRANULARITIES,
@@ -24,7 +22,7 @@ from dkm_palett.spec import (
     PerTensorGranularity,
     canonical_lut_dtype,
 )
-from dkm_palett.validation import check_choice, check_int, check_keys, check_type
+from dkm_palett.validation import check_choice, check_int, check_type
 
 MODES = ("kmeans", "uniform", "unique")
 
@@ -52,7 +50,7 @@ def _granularity_name(value: Any) -> str:
 
 
 @dataclass
-class OpPalettizerConfig:
+class OpPalettizerConfig(ConfigIO):
     """How to palettize one weight after training (coremltools field names and defaults).
 
     mode: ``kmeans`` (optimal 1-D k-means for scalars, k-means++ with restarts for vectors), ``uniform`` (evenly
@@ -120,115 +118,77 @@ class OpPalettizerConfig:
                                  lut_dtype=self.lut_dtype, enable_per_channel_scale=self.enable_per_channel_scale,
                                  channel_axis=axis)
 
-    def as_dict(self) -> dict:
-        return {
-            "mode": self.mode, "nbits": self.nbits, "weight_threshold": self.weight_threshold,
-            "granularity": self.granularity, "group_size": self.group_size, "channel_axis": self.channel_axis,
-            "cluster_dim": self.cluster_dim, "enable_per_channel_scale": self.enable_per_channel_scale,
-            "lut_dtype": self.lut_dtype, "num_kmeans_workers": self.num_kmeans_workers,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "OpPalettizerConfig":
-        check_keys("OpPalettizerConfig", data, cls.__dataclass_fields__)
-        return cls(**data)
-
-
-def _op_entry(value: Any, where: str) -> Optional[OpPalettizerConfig]:
-    return coerce_entry(value, OpPalettizerConfig, where)
-
-
-def _type_key(key: Any) -> Union[type, str]:
-    """Op-type keys: a Core ML alias (kept as the lowercase string) or a module class."""
-    if isinstance(key, str) and key.lower() in COREML_OP_ALIASES:
-        return key.lower()
-    return resolve_type_key(key)
-
-
-def _key_classes(key: Union[type, str]) -> tuple[type, ...]:
-    return COREML_OP_ALIASES[key] if isinstance(key, str) else (key,)
-
 
 @dataclass
-class OptimizationConfig:
+class OptimizationConfig(ModelConfig):
     """Which weights ``palettize_weights`` touches and how: ``op_name_configs`` beat ``op_type_configs`` beat
     ``global_config``; a ``None`` entry skips the matching weights. Type keys match subclasses too (the most specific
     class wins)."""
+
+    entry_class: ClassVar[type] = OpPalettizerConfig
+    types_field: ClassVar[str] = "op_type_configs"
+    names_field: ClassVar[str] = "op_name_configs"
 
     global_config: Optional[OpPalettizerConfig] = None
     op_type_configs: dict = field(default_factory=dict)
     op_name_configs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.global_config = _op_entry(self.global_config, "global_config")
-        self.op_type_configs = {} if self.op_type_configs is None else self.op_type_configs
-        self.op_name_configs = {} if self.op_name_configs is None else self.op_name_configs
-        check_type("op_type_configs", self.op_type_configs, dict)
-        check_type("op_name_configs", self.op_name_configs, dict)
-        self.op_type_configs = {_type_key(k): _op_entry(v, f"op_type_configs[{k!r}]")
-                                for k, v in self.op_type_configs.items()}
-        for key in self.op_name_configs:
-            check_type("op_name_configs key", key, str)
-        self.op_name_configs = {k: _op_entry(v, f"op_name_configs[{k!r}]") for k, v in self.op_name_configs.items()}
+        self._normalize()
 
-    # setters (coremltools style, chainable)
-    def set_global(self, op_config: Optional[OpPalettizerConfig]) -> "OptimizationConfig":
-        self.global_config = _op_entry(op_config, "global_config")
-        return self
+    @staticmethod
+    def _type_key(key: Any) -> Union[type, str]:
+        """Op-type keys: a Core ML alias (kept as the lowercase string) or a module class."""
+        if isinstance(key, str) and key.lower() in COREML_OP_ALIASES:
+            return key.lower()
+        return resolve_type_key(key)
 
+    @staticmethod
+    def key_classes(key: Union[type, str]) -> tuple[type, ...]:
+        return COREML_OP_ALIASES[key] if isinstance(key, str) else (key,)
+
+    # coremltools' names for set_module_type / set_module_name (here an op is a module), kept for compatibility
     def set_op_type(self, op_type: Any, op_config: Optional[OpPalettizerConfig]) -> "OptimizationConfig":
-        self.op_type_configs[_type_key(op_type)] = _op_entry(op_config, f"op_type_configs[{op_type!r}]")
-        return self
+        return self.set_module_type(op_type, op_config)
 
     def set_op_name(self, op_name: str, op_config: Optional[OpPalettizerConfig]) -> "OptimizationConfig":
-        check_type("op_name", op_name, str)
-        self.op_name_configs[op_name] = _op_entry(op_config, f"op_name_configs[{op_name!r}]")
-        return self
+        return self.set_module_name(op_name, op_config)
 
-    # resolution
+    # ------------------------------------------------------------------------------------ planning
     def resolve(self, module_name: str, module: nn.Module, param_name: str) -> Optional[OpPalettizerConfig]:
-        """The config for ``module.<param_name>`` (``None``: leave it alone)."""
-        full = f"{module_name}.{param_name}" if module_name else param_name
-        for key, cfg in self.op_name_configs.items():  # exact names first, then regexes
-            if key in (module_name, full):
-                return cfg
-        for key, cfg in self.op_name_configs.items():
-            if name_matches(key, module_name) or name_matches(key, full):
-                return cfg
-        for cls in type(module).__mro__:
-            for key, cfg in self.op_type_configs.items():
-                if cls in _key_classes(key):
-                    return cfg
-        return self.global_config
+        """The config for ``module.<param_name>`` (``None``: leave it alone): by op name (the module's or
+        ``<module>.<param>``), else by op type, else global."""
+        found, entry = self._match((module_name, full_name(module_name, param_name)), module)
+        return entry if found else self.global_config
 
-    # dict / yaml
-    def as_dict(self) -> dict:
-        def entry(v):
-            return None if v is None else v.as_dict()
+    def plan(self, model: nn.Module) -> list[PlannedWeight]:
+        """Every supported weight with its spec and op config, or the reason it is skipped (no config applies, or
+        ``weight_threshold``). ``mode='unique'`` without ``nbits`` plans 8 bits; clustering picks the width."""
+        modules = dict(model.named_modules())
+        self._check_targets(modules, param_names=True)
+        planned = []
+        for module_name, module in modules.items():
+            for param_name in supported_params(module):
+                numel = getattr(module, param_name).numel()
+                cfg = self.resolve(module_name, module, param_name)
+                reason = ("no config applies (None)" if cfg is None else None if cfg.applies_to(numel) else
+                          f"{numel} elements <= weight_threshold={cfg.weight_threshold}")
+                if reason is not None:
+                    planned.append(PlannedWeight(module_name, module, param_name, None, cfg, reason))
+                    continue
+                spec = cfg.to_spec(n_bits=cfg.nbits if cfg.nbits is not None else 8)
+                spec.check_shape(tuple(getattr(module, param_name).shape), full_name(module_name, param_name))
+                planned.append(PlannedWeight(module_name, module, param_name, spec, cfg))
+        return planned
 
-        return {
-            "global_config": entry(self.global_config),
-            "op_type_configs": {(k if isinstance(k, str) else type_name(k)): entry(v)
-                                for k, v in self.op_type_configs.items()},
-            "op_name_configs": {k: entry(v) for k, v in self.op_name_configs.items()},
-        }
-
+    # ------------------------------------------------------------------------------------ dict / yaml
     @classmethod
-    def from_dict(cls, data: dict) -> "OptimizationConfig":
+    def _unwrap(cls, data: Any) -> Any:
         """Accepts coremltools' YAML layout too (an optional ``config_type: OpPalettizerConfig``)."""
-        check_keys("OptimizationConfig", data, ("config_type", "global_config", "op_type_configs", "op_name_configs"))
+        check_type("OptimizationConfig data", data, dict)
         data = dict(data)
-        config_type = data.pop("config_type", "OpPalettizerConfig")
-        check_choice("config_type", config_type, ("OpPalettizerConfig",))
-        return cls(**data)
+        check_choice("config_type", data.pop("config_type", "OpPalettizerConfig"), ("OpPalettizerConfig",))
+        return data
 
-    @classmethod
-    def from_yaml(cls, yml: Union[IO, str, os.PathLike]) -> "OptimizationConfig":
-        return cls.from_dict(load_yaml_mapping(yml))
-
-    def to_yaml(self, path: Union[str, os.PathLike, None] = None) -> str:
-        """The config as YAML (coremltools layout); also written atomically to ``path`` when given."""
-        text = yaml.safe_dump({"config_type": "OpPalettizerConfig", **self.as_dict()}, sort_keys=False)
-        if path is not None:
-            atomic_write_text(path, text)
-        return text
+    def _wrap(self, data: dict) -> dict:
+        return {"config_type": "OpPalettizerConfig", **data}

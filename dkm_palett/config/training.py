@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from dkm_palett.config.base import ConfigIO, coerce_entry, coerce_model_config
-from dkm_palett.module_support import resolve_type_key, type_name
+from dkm_palett.config.base import ConfigIO, ModelConfig, coerce_entry, coerce_model_config
+from dkm_palett.module_support import is_supported, supported_params
+from dkm_palett.plan import PlannedWeight, full_name
 from dkm_palett.spec import (
     ALLOWED_N_BITS,
     GRANULARITIES,
@@ -18,7 +20,7 @@ from dkm_palett.spec import (
     PerTensorGranularity,
     canonical_lut_dtype,
 )
-from dkm_palett.validation import check_choice, check_int, check_keys, check_number, check_type
+from dkm_palett.validation import check_choice, check_int, check_number, check_type
 
 KMEANS_INITS = ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans", "opt1d", "uniform")
 PALETT_MODES = ("dkm", "gsm", "hard")
@@ -186,79 +188,81 @@ ModuleConfigEntry = Union[ModuleDKMPalettizerConfig, list, None]
 
 
 @dataclass
-class DKMPalettizerConfig(ConfigIO):
+class DKMPalettizerConfig(ModelConfig):
     """Which modules DKM palettizes and how. Precedence: ``module_name_configs``, then ``module_type_configs``,
     then ``global_config``. Type keys are classes or dotted strings; a type entry may be a list of configs chosen by
     ``weight_threshold`` (the largest threshold the module exceeds wins). Name keys may be regexes. ``None`` = skip.
     """
+
+    entry_class: ClassVar[type] = ModuleDKMPalettizerConfig
 
     global_config: Optional[ModuleDKMPalettizerConfig] = field(default_factory=ModuleDKMPalettizerConfig)
     module_type_configs: dict = field(default_factory=dict)
     module_name_configs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.global_config, dict):
-            self.global_config = ModuleDKMPalettizerConfig.from_dict(self.global_config)
-        if self.global_config is not None:
-            check_type("global_config", self.global_config, ModuleDKMPalettizerConfig)
-        check_type("module_type_configs", self.module_type_configs, dict)
-        check_type("module_name_configs", self.module_name_configs, dict)
-        self.module_type_configs = {
-            resolve_type_key(k): _module_entry(v, f"module_type_configs[{k!r}]", allow_list=True)
-            for k, v in self.module_type_configs.items()
-        }
-        self.module_name_configs = {
-            str(k): _module_entry(v, f"module_name_configs[{k!r}]", allow_list=False)
-            for k, v in self.module_name_configs.items()
-        }
+        self._normalize()
 
-    # fluent setters (coremltools compatible)
-    def set_global(self, config: Optional[ModuleDKMPalettizerConfig]) -> "DKMPalettizerConfig":
-        self.global_config = _module_entry(config, "global_config", allow_list=False)
-        return self
+    def _entry(self, value: Any, where: str, in_type_table: bool = False) -> ModuleConfigEntry:
+        """A config, a dict or None; in ``module_type_configs`` also a list of those (chosen by threshold)."""
+        if isinstance(value, (list, tuple)):
+            if not in_type_table:
+                raise TypeError(f"{where}: a list of configs is only allowed for module_type_configs.")
+            entries = [self._entry(v, where) for v in value]
+            if any(e is None for e in entries):
+                raise TypeError(f"{where}: a list entry cannot be None; drop it instead.")
+            return entries
+        return coerce_entry(value, ModuleDKMPalettizerConfig, where,
+                            "a dict, None or a list of those" if in_type_table else "a dict or None")
 
-    def set_module_type(self, object_type: Any, config: ModuleConfigEntry) -> "DKMPalettizerConfig":
-        self.module_type_configs[resolve_type_key(object_type)] = _module_entry(
-            config, f"module_type_configs[{object_type!r}]", allow_list=True)
-        return self
+    # ------------------------------------------------------------------------------------ planning
+    def module_config(self, name: str, module: nn.Module) -> Optional[ModuleDKMPalettizerConfig]:
+        """The config for the module ``name``: by name, else by type (a list: chosen by threshold), else global."""
+        found, entry = self._match((name,), module)
+        if not found:
+            return self.global_config
+        return _by_threshold(entry, module) if isinstance(entry, list) else entry
 
-    def set_module_name(self, module_name: str, config: Optional[ModuleDKMPalettizerConfig]) -> "DKMPalettizerConfig":
-        self.module_name_configs[module_name] = _module_entry(
-            config, f"module_name_configs[{module_name!r}]", allow_list=False)
-        return self
-
-    # dict / yaml round trip
-    def as_dict(self) -> dict:
-        def entry(v):
-            if isinstance(v, list):
-                return [c.as_dict() for c in v]
-            return None if v is None else v.as_dict()
-
-        return {
-            "global_config": None if self.global_config is None else self.global_config.as_dict(),
-            "module_type_configs": {type_name(k): entry(v) for k, v in self.module_type_configs.items()},
-            "module_name_configs": {k: entry(v) for k, v in self.module_name_configs.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DKMPalettizerConfig":
-        check_keys("DKMPalettizerConfig", data, ("global_config", "module_type_configs", "module_name_configs"))
-        data = dict(data)
-        if "global_config" in data and isinstance(data["global_config"], dict):
-            data["global_config"] = ModuleDKMPalettizerConfig.from_dict(data["global_config"])
-        return cls(**data)
+    def plan(self, model: nn.Module) -> list[PlannedWeight]:
+        """Every weight DKM palettizes, with its spec and module config; skipped: weights at or under
+        ``weight_threshold`` and leaf modules of unsupported types that hold a ``weight``. Raises ValueError for
+        explicit targets that cannot be palettized and for configs that do not fit a weight."""
+        modules = dict(model.named_modules())
+        self._check_targets(modules, require_match=False)
+        planned = []
+        for name, module in modules.items():
+            if parametrize.is_parametrized(module):
+                continue  # prepared already (or parametrized otherwise): left as it is
+            cfg = self.module_config(name, module)
+            if cfg is None:
+                continue
+            if not is_supported(module):
+                if isinstance(getattr(module, "weight", None), nn.Parameter) and not list(module.children()):
+                    planned.append(PlannedWeight(name, module, None, None, cfg,
+                                                 reason=f"unsupported module type {type(module).__name__}"))
+                continue
+            planned.extend(_plan_module(name, module, cfg))
+        return planned
 
 
-def _module_entry(value: Any, where: str, allow_list: bool) -> ModuleConfigEntry:
-    if isinstance(value, (list, tuple)):
-        if not allow_list:
-            raise TypeError(f"{where}: a list of configs is only allowed for module_type_configs.")
-        entries = [_module_entry(v, where, allow_list=False) for v in value]
-        if any(e is None for e in entries):
-            raise TypeError(f"{where}: a list entry cannot be None; drop it instead.")
-        return entries
-    return coerce_entry(value, ModuleDKMPalettizerConfig, where,
-                        "a dict, None or a list of those" if allow_list else "a dict or None")
+def _plan_module(name: str, module: nn.Module, cfg: ModuleDKMPalettizerConfig) -> list[PlannedWeight]:
+    planned = []
+    for param_name in supported_params(module):
+        weight = getattr(module, param_name)
+        if weight.numel() <= cfg.weight_threshold:
+            planned.append(PlannedWeight(name, module, param_name, None, cfg, reason=(
+                f"{weight.numel()} elements <= weight_threshold={cfg.weight_threshold}")))
+            continue
+        spec = cfg.to_spec(module, weight, full_name(name, param_name))
+        planned.append(PlannedWeight(name, module, param_name, spec, cfg))
+    return planned
+
+
+def _by_threshold(entries: list, module: nn.Module) -> Optional[ModuleDKMPalettizerConfig]:
+    """Of a type entry's configs, the one with the largest ``weight_threshold`` the module's largest weight exceeds."""
+    numel = max([getattr(module, p).numel() for p in supported_params(module)] or [0])
+    fitting = [e for e in entries if numel > e.weight_threshold]
+    return max(fitting, key=lambda e: e.weight_threshold) if fitting else None
 
 
 def load_dkm_config(source: Any) -> DKMPalettizerConfig:

@@ -11,12 +11,14 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from dkm_palett.config.palettize_weights import OpPalettizerConfig
 from dkm_palett.lut import PalettizedTensor, attach
+from dkm_palett.plan import PlannedWeight
 from dkm_palett.post_training.clustering import cluster_weight
 from dkm_palett.progress import progress_bar
 from dkm_palett.report import record_stats, skipped_stats
 from dkm_palett.spec import PalettizationSpec
-from dkm_palett.validation import check_int
+from dkm_palett.validation import check_finite, check_int
 
 
 @dataclass
@@ -76,29 +78,39 @@ def skip_entry(module: nn.Module, reason: str, numel: int) -> dict:
     return skipped_stats(reason, module_type=type(module).__name__, n_params=numel)
 
 
-@dataclass
-class Target:
-    module_name: str
-    module: nn.Module
-    param_name: str
-    job: PalettizationJob
-
-    @property
-    def name(self) -> str:
-        return self.job.name
+PlannedJob = tuple[PlannedWeight, PalettizationJob]
 
 
-def execute(targets: list[Target], report: dict, num_workers: int, progress: Optional[bool] = None) -> None:
-    results = run_jobs([t.job for t in targets], num_workers, progress)
-    for target, (record, note) in zip(targets, results):
-        param = getattr(target.module, target.param_name)
-        if record is None:
-            report[target.name] = skip_entry(target.module, note, param.numel())
+def plan_jobs(planned: list[PlannedWeight], report: dict, importance: Optional[dict] = None) -> list[PlannedJob]:
+    """One job per selected weight (a skipped weight goes into ``report`` with its reason); vector specs share one
+    seed drawn from torch's global RNG. A weight's ``mode`` and fixed width come from its ``OpPalettizerConfig``
+    (spec-style plans: k-means at the spec's width); ``importance`` (by weight name) weights k-means only."""
+    jobs: list[PlannedJob] = []
+    for p in planned:
+        weight = p.weight
+        if not p.selected:
+            report[p.name] = skip_entry(p.module, p.reason, weight.numel())
             continue
-        original = param.detach().clone()
-        attach(target.module, target.param_name, record)
-        report[target.name] = _entry(record, original, target.job.mode, target.module)
+        check_finite(f"{p.name} ({type(p.module).__name__})", weight)
+        mode, fixed_bits = (p.config.mode, p.config.nbits is not None) if isinstance(p.config, OpPalettizerConfig) \
+            else ("kmeans", True)
+        imp = None if importance is None or mode != "kmeans" else importance.get(p.name)
+        jobs.append((p, PalettizationJob(name=p.name, weight=weight.detach().cpu().clone(), spec=p.spec, mode=mode,
+                                         importance=imp, fixed_bits=fixed_bits)))
+    base = seed_base(job.spec for _, job in jobs)
+    for p, job in jobs:
+        job.seed = job_seed(base, p.name)
+    return jobs
 
 
-def full_name(module_name: str, param_name: str) -> str:
-    return f"{module_name}.{param_name}" if module_name else param_name
+def execute(jobs: list[PlannedJob], report: dict, num_workers: int, progress: Optional[bool] = None) -> None:
+    """Run the jobs and attach each record to its weight; every weight gets its report row."""
+    results = run_jobs([job for _, job in jobs], num_workers, progress)
+    for (p, job), (record, note) in zip(jobs, results):
+        weight = p.weight
+        if record is None:
+            report[p.name] = skip_entry(p.module, note, weight.numel())
+            continue
+        original = weight.detach().clone()
+        attach(p.module, p.param_name, record)
+        report[p.name] = _entry(record, original, job.mode, p.module)

@@ -10,9 +10,7 @@ import torch
 from torch import nn
 
 from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
-from dkm_palett.module_support import supported_params
-from dkm_palett.post_training.api import KMeansPalettizer, as_optimization_config, coreml_targets
-from dkm_palett.post_training.jobs import execute, full_name
+from dkm_palett.post_training.api import KMeansPalettizer, as_optimization_config
 from dkm_palett.progress import progress_bar, show_progress
 from dkm_palett.validation import check_int, check_number
 
@@ -30,23 +28,15 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
     def __init__(self, model: nn.Module, config: Any = None, damping: float = 1.0):
         check_number("damping", damping, minimum=0.0)
         self.damping = float(damping)
-        self._coreml: Optional[OptimizationConfig] = None
-        if isinstance(config, (OptimizationConfig, OpPalettizerConfig)):
-            self._coreml = as_optimization_config(config)
-            config = None
         super().__init__(model, config)
         self.sensitivities: dict[str, torch.Tensor] = {}
 
-    def _names(self) -> list[str]:
-        if self._coreml is None:
-            return [p.name for p in self.config.plan(self.model)]
-        names = []
-        for module_name, module in self.model.named_modules():
-            for param_name in supported_params(module):
-                cfg = self._coreml.resolve(module_name, module, param_name)
-                if cfg is not None and cfg.applies_to(getattr(module, param_name).numel()):
-                    names.append(full_name(module_name, param_name))
-        return names
+    @staticmethod
+    def _coerce_config(config: Any) -> Any:
+        """A coremltools-style config as an ``OptimizationConfig``; anything else as for ``KMeansPalettizer``."""
+        if isinstance(config, (OptimizationConfig, OpPalettizerConfig)):
+            return as_optimization_config(config)
+        return KMeansPalettizer._coerce_config(config)
 
     def compute_sensitivity(self, dataloader: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                             num_batches: Optional[int] = None, progress: Optional[bool] = None
@@ -61,7 +51,7 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
         show = show_progress(progress)
         total = _batch_count(dataloader, num_batches)
         params = dict(self.model.named_parameters())
-        names = self._names()
+        names = [p.name for p in self.config.plan(self.model) if p.selected]
         missing = [n for n in names if n not in params]
         if missing:
             raise ValueError(f"cannot compute sensitivities for {missing}: not plain parameters of the model.")
@@ -102,16 +92,8 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
         (``progress``: bars over the calibration batches and the weights)."""
         show = show_progress(progress)
         self.compute_sensitivity(dataloader, loss_fn, num_batches, show)
-        model = self.model if inplace else copy.deepcopy(self.model)
-        self._report = {}
         importance = {n: _stabilize(f, self.damping) for n, f in self.sensitivities.items()}
-        if self._coreml is None:
-            targets = self._targets(model, importance)
-        else:
-            targets, _ = coreml_targets(model, self._coreml, self._report, importance)
-        execute(targets, self._report, num_workers, show)
-        self._prepared = model
-        return model
+        return self._palettize(self.model if inplace else copy.deepcopy(self.model), num_workers, show, importance)
 
 
 def _batch_count(dataloader: Iterable, num_batches: Optional[int]) -> Optional[int]:
