@@ -201,6 +201,8 @@ class DKMPalettizerConfig(ModelConfig):
     module_name_configs: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.global_config, dict):  # its errors name the field alone (``n_bits=5 is not allowed ...``)
+            self.global_config = ModuleDKMPalettizerConfig.from_dict(self.global_config)
         self._normalize()
 
     def _entry(self, value: Any, where: str, in_type_table: bool = False) -> ModuleConfigEntry:
