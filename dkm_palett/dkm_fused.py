@@ -154,6 +154,53 @@ def _table_kernel(x, c, cq, tau, out):
                     o[i] += ak[i] * q
 
 
+@numba.njit(inline="always")
+def _grad_attention(a, r, ys, nb, alpha, beta, gs, lam, table, g_a, dot, g_direct, acc_a):
+    """One block of the backward, step 1: ``g_a[k] = dL/dw_k = alpha_k + beta_k y`` (times ``r_k`` with
+    palett_lambda) and ``dot = sum_k a_k g_a[k]``; adds ``x``'s direct share ``sum_k w_k gs_k`` (iterations) into
+    ``g_direct`` and ``a_k y`` (the table: the LUT's gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the
+    group's rows."""
+    dot[:nb] = 0
+    g_direct[:nb] = 0
+    for k in range(a.shape[0]):
+        ak, rk, gak, acca = a[k], r[k], g_a[k], acc_a[k]
+        al, be, gsk = alpha[k], beta[k], gs[k]
+        for i in range(nb):
+            gak[i] = al + be * ys[i]
+        if lam > 0:
+            for i in range(nb):
+                g_direct[i] += ak[i] * rk[i] * gsk
+                gak[i] *= rk[i]
+        elif not table:
+            for i in range(nb):
+                g_direct[i] += ak[i] * gsk
+        if table:
+            for i in range(nb):
+                acca[i] += ak[i] * ys[i]
+        for i in range(nb):
+            dot[i] += ak[i] * gak[i]
+
+
+@numba.njit(inline="always")
+def _grad_logits(a, r, xs, ys, nb, c, alpha, beta, lam, g_a, dot, g_dist, acc_c):
+    """One block of the backward, step 2: the logits' gradient ``G_k = a_k (g_a[k] - dot)`` (plus palett_lambda's
+    term) in place of ``g_a``, and ``G_k (x - c_k)`` summed over k into ``g_dist`` and per centroid into
+    ``acc_c``. ``c``/``alpha``/``beta``: the group's rows."""
+    g_dist[:nb] = 0
+    for k in range(a.shape[0]):
+        ak, rk, gak, ck, accc = a[k], r[k], g_a[k], c[k], acc_c[k]
+        al, be = alpha[k], beta[k]
+        for i in range(nb):
+            gak[i] = ak[i] * (gak[i] - dot[i])
+        if lam > 0:
+            for i in range(nb):
+                gak[i] += lam * ak[i] * rk[i] * rk[i] * (al + be * ys[i])
+        for i in range(nb):
+            gl_diff = gak[i] * (xs[i] - ck)
+            g_dist[i] += gl_diff
+            accc[i] += gl_diff
+
+
 @numba.njit(parallel=True, cache=True)
 def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_out):
     """Backward of one pass through the attention ``a(x; c)`` (times ``r`` with palett_lambda), for an upstream
@@ -182,38 +229,8 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_o
             nb = min(BLOCK, n - b0)
             xs, ys = x[g, b0:b0 + nb], y[g, b0:b0 + nb]
             _attention(xs, nb, c[g], tau, lam, a, r, m, tot)
-            dot[:nb] = 0
-            g_direct[:nb] = 0
-            g_dist[:nb] = 0
-            for k in range(k_n):
-                ak, rk, gak, acca = a[k], r[k], g_a[k], acc_a[k]
-                al, be, gsk = alpha[g, k], beta[g, k], gs[g, k]
-                for i in range(nb):
-                    gak[i] = al + be * ys[i]
-                if lam > 0:
-                    for i in range(nb):
-                        g_direct[i] += ak[i] * rk[i] * gsk
-                        gak[i] *= rk[i]
-                elif not table:
-                    for i in range(nb):
-                        g_direct[i] += ak[i] * gsk
-                if table:
-                    for i in range(nb):
-                        acca[i] += ak[i] * ys[i]
-                for i in range(nb):
-                    dot[i] += ak[i] * gak[i]
-            for k in range(k_n):
-                ak, rk, gak, ck, accc = a[k], r[k], g_a[k], c[g, k], acc_c[k]
-                al, be = alpha[g, k], beta[g, k]
-                for i in range(nb):
-                    gak[i] = ak[i] * (gak[i] - dot[i])
-                if lam > 0:
-                    for i in range(nb):
-                        gak[i] += lam * ak[i] * rk[i] * rk[i] * (al + be * ys[i])
-                for i in range(nb):
-                    gl_diff = gak[i] * (xs[i] - ck)
-                    g_dist[i] += gl_diff
-                    accc[i] += gl_diff
+            _grad_attention(a, r, ys, nb, alpha[g], beta[g], gs[g], lam, table, g_a, dot, g_direct, acc_a)
+            _grad_logits(a, r, xs, ys, nb, c[g], alpha[g], beta[g], lam, g_a, dot, g_dist, acc_c)
             out = gx[g, b0:b0 + nb]
             for i in range(nb):
                 out[i] += g_direct[i] - (np.float32(2.0) / tau) * g_dist[i]

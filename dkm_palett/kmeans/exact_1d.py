@@ -1,7 +1,7 @@
 """Globally optimal weighted 1-D k-means (exact; Lagrangian relaxation of the k-cluster DP).
 
-torch and numpy do the work, except the two per-point loops, which numba compiles on first use (numba is
-imported lazily, so importing this module stays cheap).
+torch and numpy do the work, except the two per-point loops, numba kernels in :mod:`exact_1d_kernels` that are
+imported on first use (so importing this module does not import numba).
 """
 
 from __future__ import annotations
@@ -17,114 +17,14 @@ from dkm_palett.kmeans.inputs import as_numpy_1d, check_k, merge_duplicates, pad
 __all__ = ["kmeans_1d_exact"]
 
 
-# The two kernels below are plain Python; `_kernels()` compiles them with numba on first use.
-def _penalized_dp(W, S1, lam, H, arg, cand, start):
-    """Optimal partition of prefix positions 0..n into any number of clusters at cost ``SSE + lam * count``.
-
-    ``W``/``S1`` are prefix sums (leading 0) of w and w*x; ``H[b] = F(b) - S2[b]`` where F(b) is the optimal
-    penalised cost of the first b points, so ``F(b) = min_a F(a) + cost(a, b) + lam`` becomes
-    ``H[b] = min_a H[a] + lam - (S1[b]-S1[a])^2 / (W[b]-W[a])``. ``arg[b]`` is that argmin; returns the
-    cluster count of the optimum for all n points.
-
-    The cost is concave Monge, so of two candidates a < a' the later one is better on a suffix of rows.
-    The deque ``cand/start`` holds the candidates that are still best somewhere, each with the first
-    row it owns; a new candidate pops the ones it beats from their first row on and finds its crossover
-    with the last survivor by galloping + bisection (checking the last row first when the crossover
-    is far away, so hopeless candidates are dropped early). Ties keep the older candidate
-    (deterministic). About 5 cost evaluations per point, O(n log n) worst case.
-    """
-    n = W.shape[0] - 1
-    H[0] = 0.0
-    f = 0
-    t = 0
-    cand[0] = 0
-    start[0] = 1
-    for b in range(1, n + 1):
-        while f < t and start[f + 1] <= b:
-            f += 1
-        a = cand[f]
-        d = S1[b] - S1[a]
-        H[b] = H[a] + lam - d * d / (W[b] - W[a])
-        arg[b] = a
-        if b == n:
-            break
-        hb = H[b]
-        wb = W[b]
-        sb = S1[b]
-        hi = n + 1  # first row where b is known to win (n + 1: none known)
-        while True:
-            c = cand[t]
-            s = start[t]
-            if s <= b:
-                s = b + 1
-            d1 = S1[s] - sb
-            d2 = S1[s] - S1[c]
-            if hb - d1 * d1 / (W[s] - wb) < H[c] - d2 * d2 / (W[s] - W[c]):
-                if start[t] > b:  # b wins all of c's rows: drop c
-                    hi = start[t]
-                    t -= 1
-                    continue
-                t += 1  # c is the front (owns row b); b takes over from row b + 1
-                cand[t] = b
-                start[t] = b + 1
-                break
-            lo = s  # b loses at lo; gallop, then bisect for the first winning row
-            step = 1
-            while lo + step < hi:
-                if step == 16 and hi > n:  # far away: first check that b wins at all (at row n)
-                    d1 = S1[n] - sb
-                    d2 = S1[n] - S1[c]
-                    if not hb - d1 * d1 / (W[n] - wb) < H[c] - d2 * d2 / (W[n] - W[c]):
-                        lo = n
-                        break
-                    hi = n
-                    if lo + step >= hi:
-                        break
-                p = lo + step
-                d1 = S1[p] - sb
-                d2 = S1[p] - S1[c]
-                if hb - d1 * d1 / (W[p] - wb) < H[c] - d2 * d2 / (W[p] - W[c]):
-                    hi = p
-                    break
-                lo = p
-                step *= 2
-            while hi - lo > 1:
-                p = (lo + hi) >> 1
-                d1 = S1[p] - sb
-                d2 = S1[p] - S1[c]
-                if hb - d1 * d1 / (W[p] - wb) < H[c] - d2 * d2 / (W[p] - W[c]):
-                    hi = p
-                else:
-                    lo = p
-            if hi <= n:
-                t += 1
-                cand[t] = b
-                start[t] = hi
-            break
-    count = 0
-    b = n
-    while b > 0:
-        b = arg[b]
-        count += 1
-    return count
-
-
-def _trace_path(arg, count):
-    """Boundaries 0 = b_0 < ... < b_count = n of the optimum that `_penalized_dp` left in ``arg``."""
-    out = np.empty(count + 1, dtype=np.int64)
-    b = arg.shape[0] - 1
-    for m in range(count, 0, -1):
-        out[m] = b
-        b = arg[b]
-    out[0] = b
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """numba-compiled ``(_penalized_dp, _trace_path)``; numba is imported on first use only. Compiled code
-    is cached on disk when a cache location is writable, else compiled once per process."""
+    """numba-compiled ``(penalized_dp, trace_path)`` of :mod:`dkm_palett.kmeans.exact_1d_kernels`; numba is imported
+    on first use only. Compiled code is cached on disk when a cache location is writable, else compiled once per
+    process."""
     import numba
+
+    from dkm_palett.kmeans import exact_1d_kernels
 
     def jit(fn):
         try:
@@ -132,7 +32,7 @@ def _kernels():
         except RuntimeError:  # "cannot cache function ...: no locator available"
             return numba.njit(nogil=True)(fn)
 
-    return jit(_penalized_dp), jit(_trace_path)
+    return jit(exact_1d_kernels.penalized_dp), jit(exact_1d_kernels.trace_path)
 
 
 def _splice(P: np.ndarray, Q: np.ndarray, k: int) -> np.ndarray:
