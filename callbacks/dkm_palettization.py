@@ -37,6 +37,8 @@ tensors) but not the LUT records, reload those with ``load_compressed(<export_di
 
 from __future__ import annotations
 
+import math
+
 import importlib.util
 import json
 import os
@@ -209,6 +211,9 @@ class DKMPalettizationCallback(Callback):
     @override
     def on_train_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._last_global_step = trainer.global_step  # after checkpoint restore
+        remaining = trainer.estimated_stepping_batches - trainer.global_step
+        if self.palettizer is not None and math.isfinite(remaining):  # the end-of-training schedules' horizon
+            self.palettizer.total_steps = self.palettizer.step_count + max(0, int(remaining))
         if self._added:  # this fit prepared a finalized module again: drop the records of that finalize
             self.palettizer.forget_records()
             self._added = {}

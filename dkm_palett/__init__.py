@@ -11,11 +11,12 @@ from dkm_palett.fake_palettize import FakePalettize
 from dkm_palett.export import export_coreml, load_compressed, read_back_lut_weights, save_compressed
 from dkm_palett.lut import PalettizedTensor, palettized_tensors
 from dkm_palett.palettizer import DKMPalettizer
+from dkm_palett.mixed_bits import plan_bits
 from dkm_palett.post_training import KMeansPalettizer, SensitiveKMeansPalettizer, palettize_weights
 from dkm_palett.spec import PalettizationSpec
 
 __all__ = [
-    "DKMPalettizer", "DKMPalettizerConfig", "ModuleDKMPalettizerConfig", "FakePalettize",
+    "DKMPalettizer", "plan_bits", "DKMPalettizerConfig", "ModuleDKMPalettizerConfig", "FakePalettize",
     "palettize_weights", "OpPalettizerConfig", "OptimizationConfig",
     "KMeansPalettizer", "KMeansPalettizerConfig", "ModuleKMeansPalettizerConfig", "OpKMeansPalettizerConfig",
     "SensitiveKMeansPalettizer", "PalettizationSpec", "PalettizedTensor", "palettized_tensors",

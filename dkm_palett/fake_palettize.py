@@ -28,6 +28,7 @@ from dkm_palett.lut import (
     to_grouped_vectors,
 )
 from dkm_palett.progress import LayerProgress
+from dkm_palett.schedule import cluster_means
 from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
 from dkm_palett.validation import check_finite
 
@@ -74,6 +75,8 @@ class FakePalettize(nn.Module):
         self.init_progress: Optional[LayerProgress] = None  # set by DKMPalettizer: one bar over the layers' inits
         #: palett_max_mem's budget; DKMPalettizer.prepare gives all layers of a model the same one
         self.memory_budget = MemoryBudget()
+        #: set by DKMPalettizer.step(): whether this step is in the hard phase (dkm_palett.schedule)
+        self.hard = False
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -221,12 +224,8 @@ class FakePalettize(nn.Module):
         x, scale = self._prepare_input(weight)
         if not bool(self.initialized):
             self.initialize(x.detach())
-        if not self.training:
-            lut = round_lut(self.centroids, self.spec.lut_dtype, self.config.quant_min, self.config.quant_max)
-            idx = nearest_entry(x.detach(), lut)
-            hard = torch.gather(lut, 1, idx.unsqueeze(-1).expand(-1, -1, lut.shape[-1]))
-            out = x + (hard - x).detach()
-            return self._finish_output(out, scale, weight.dtype)
+        if not self.training or self.hard:
+            return self._finish_output(self._snap(x), scale, weight.dtype)
         self.split_duplicates(x.detach())
         p = self.params()
         c0 = self.centroids.to(x.dtype).clone()
@@ -246,6 +245,28 @@ class FakePalettize(nn.Module):
         if self.recompute and torch.is_grad_enabled() and result.requires_grad:
             recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice))
         return result
+
+    def _snap(self, x: torch.Tensor) -> torch.Tensor:
+        """Each weight vector snapped to its entry of the LUT finalize ships (:meth:`final_lut`; in the hard phase of
+        :mod:`dkm_palett.schedule` always the clusters' means), exactly its values forward, a straight-through
+        gradient. A pure function of the weight and the centroids, so a module that reads its weight twice in one
+        forward sees the same values; the hard phase moves the centroids in :meth:`advance`, once per step."""
+        cfg = self.config
+        centroids = self.final_lut(x.detach(), mean=self.training or None)
+        lut = round_lut(centroids, self.spec.lut_dtype, cfg.quant_min, cfg.quant_max)
+        idx = nearest_entry(x.detach(), lut)
+        hard = torch.gather(lut, 1, idx.unsqueeze(-1).expand(-1, -1, lut.shape[-1]))
+        return hard + (x - x.detach())  # exactly the LUT values forward (x + (hard - x) may round), identity backward
+
+    @torch.no_grad()
+    def advance(self, weight: torch.Tensor) -> None:
+        """The hard phase's LUT update, once per training step (``DKMPalettizer.step()``): the centroids move to the
+        means of the weights nearest to them (one Lloyd step)."""
+        x = self._prepare_input(weight.detach())[0]
+        if not bool(self.initialized):
+            self.initialize(x)
+        self.centroids.copy_(self.final_lut(x, mean=True))
+        self.steps += 1
 
     def _dkm(self, x, c0, p: DKMParams, rows: int, budget: float, choice: tuple[str, int], weight: torch.Tensor):
         """One DKM forward with the implementation ``choice`` from :meth:`engine`."""
@@ -267,6 +288,17 @@ class FakePalettize(nn.Module):
 
     # ------------------------------------------------------------------------------------ finalize
     @torch.no_grad()
+    def final_lut(self, x: torch.Tensor, mean: Optional[bool] = None) -> torch.Tensor:
+        """The centroids ``(G, K, D)`` finalize ships for the grouped weights ``x``: DKM's, or with
+        ``finalize_lut="mean"`` (or ``mean=True``) each moved to the mean of the weights nearest to it (one Lloyd
+        step, the best LUT for that assignment; :func:`dkm_palett.schedule.cluster_means`). Leaves the state alone."""
+        if not (self.config.finalize_lut == "mean" if mean is None else mean):
+            return self.centroids
+        zi, cfg = int(self.zero_index), self.config
+        return cluster_means(x, self.centroids, None if zi < 0 else zi, self.spec.lut_dtype, cfg.quant_min,
+                             cfg.quant_max)
+
+    @torch.no_grad()
     def to_palettized(self, weight: torch.Tensor) -> PalettizedTensor:
         """Hard-assign ``weight`` to the learned (stored-dtype) LUT: the record finalize attaches."""
         check_finite(self.name, weight)
@@ -279,7 +311,7 @@ class FakePalettize(nn.Module):
                                      cluster_dim=spec.cluster_dim, lut_dtype=spec.lut_dtype,
                                      enable_per_channel_scale=spec.enable_per_channel_scale,
                                      channel_axis=spec.channel_axis)
-        lut = self.centroids.float().cpu()
+        lut = self.final_lut(x).float().cpu()
         if lut.shape[1] < spec.n_clusters:  # pad the LUT to 2**index_bits entries; the pads are never indexed
             pad = lut[:, -1:].expand(-1, spec.n_clusters - lut.shape[1], -1)
             lut = torch.cat([lut, pad], dim=1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dkm_palett import recompute
+from dkm_palett import recompute, schedule
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.fake_palettize import FakePalettize
@@ -53,6 +53,9 @@ class DKMPalettizer:
         self.config: DKMPalettizerConfig = load_dkm_config(config)
         self.show_progress = show_progress(progress)
         self.step_count = 0
+        #: the run's training steps (``step()`` calls), for the end-of-training schedules of configs that leave
+        #: ``total_steps`` unset (DKMPalettizationCallback sets it from the Trainer); see dkm_palett.schedule
+        self.total_steps: Optional[int] = None
         self.skipped: dict[str, str] = {}
         self._final_stats: dict[str, dict] = {}
         self._final_histograms: dict[str, tuple] = {}  # of the float weights, for Report.plot() after finalize
@@ -92,7 +95,11 @@ class DKMPalettizer:
 
     # ------------------------------------------------------------------------------------ step
     def step(self) -> None:
-        """Count one training step; layers whose ``milestone`` is reached start palettizing."""
+        """Count one training step; layers whose ``milestone`` is reached start palettizing, layers in the hard phase
+        (``hard_fraction``, see dkm_palett.schedule) move their LUT to the means of their clusters."""
+        for _, module, param_name, fp in fake_palettizers(self.model):
+            if fp.hard and bool(fp.enabled):
+                fp.advance(getattr(module.parametrizations, param_name).original)
         self.step_count += 1
         self._sync_enabled()
 
@@ -100,6 +107,8 @@ class DKMPalettizer:
         layers = [fp for _, _, _, fp in fake_palettizers(self.model)]
         for fp in layers:
             fp.enabled.fill_(self.step_count >= fp.config.milestone)
+            total = fp.config.total_steps or self.total_steps
+            fp.hard = schedule.hard_phase(fp.config, self.step_count, total)
         if not self.show_progress:
             return
         pending = [fp for fp in layers if fp.init_progress is None and self.step_count >= fp.config.milestone
@@ -110,10 +119,11 @@ class DKMPalettizer:
                 fp.init_progress = bar
 
     def state_dict(self) -> dict:
-        return {"step_count": int(self.step_count)}
+        return {"step_count": int(self.step_count), "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
+        self.total_steps = state.get("total_steps", self.total_steps)
         self._sync_enabled()
 
     # ------------------------------------------------------------------------------------ finalize

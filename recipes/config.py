@@ -16,13 +16,20 @@ def conf_dir() -> str:
     return str(files("dkm_palett.conf"))
 
 
+#: keys of the ``palettization`` group that are no ModuleDKMPalettizerConfig field: ``average_bits`` (mixed bit
+#: widths planned by ``dkm_palett.mixed_bits.plan_bits`` on training batches before DKM fine-tuning)
+RECIPE_KEYS = ("average_bits",)
+PLAN_BATCHES = 32  # training batches for plan_bits' sensitivities
+
+
 def field_names() -> tuple[str, ...]:
-    """The fields of ``ModuleDKMPalettizerConfig``: the keys the ``palettization`` group accepts."""
+    """The keys the ``palettization`` group accepts: the fields of ``ModuleDKMPalettizerConfig`` and
+    ``RECIPE_KEYS``."""
     import dataclasses
 
     from dkm_palett.config.training import ModuleDKMPalettizerConfig
 
-    return tuple(f.name for f in dataclasses.fields(ModuleDKMPalettizerConfig))
+    return tuple(f.name for f in dataclasses.fields(ModuleDKMPalettizerConfig)) + RECIPE_KEYS
 
 
 def _prefixed(err: Exception, where: str = "palettization") -> Exception:
@@ -43,6 +50,8 @@ def build_dkm_config(palettization: Any, n_bits: int | None = None):
         else dict(palettization)
     if n_bits is not None:
         data["n_bits"] = n_bits
+    for key in RECIPE_KEYS:
+        data.pop(key, None)
     try:
         return DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig.from_dict(data))
     except (ValueError, TypeError) as err:
@@ -93,3 +102,27 @@ def check_targets(cfg: DictConfig) -> None:
                              "LightningDataModule class> (dotted import paths).")
     if cfg.mode not in ("train", "compare"):
         raise ValueError(f"mode={cfg.mode!r} is not allowed; allowed values: 'train', 'compare'.")
+    average_bits = cfg.palettization.get("average_bits")
+    if average_bits is not None:
+        from dkm_palett.validation import check_number
+
+        try:
+            check_number("average_bits", average_bits, minimum=0.0, strict_min=True)
+        except (ValueError, TypeError) as err:
+            raise _prefixed(err) from None
+        if cfg.mode == "compare":
+            raise ValueError("palettization.average_bits plans mixed bit widths for mode=train; mode=compare runs "
+                             "each of compare.bits uniformly. Drop one of them.")
+
+
+def planned_config(cfg: DictConfig, lit: Any, datamodule: Any, dkm_config: Any) -> Any:
+    """``dkm_config``, or with ``palettization.average_bits`` set, ``plan_bits`` of it on ``PLAN_BATCHES`` training
+    batches (the LightningModule's output against the batch's targets, cross-entropy)."""
+    average_bits = cfg.palettization.get("average_bits")
+    if average_bits is None:
+        return dkm_config
+    from dkm_palett.mixed_bits import plan_bits
+
+    datamodule.setup("fit")
+    return plan_bits(lit, datamodule.train_dataloader(), float(average_bits), config=dkm_config,
+                     num_batches=PLAN_BATCHES)

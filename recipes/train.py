@@ -121,6 +121,7 @@ def dkm_phase(state: RecipeRun) -> None:
 
     from dkm_palett.recipes import phases
     from dkm_palett.recipes.compare import fresh_copy, post_training, run_compare
+    from dkm_palett.recipes.config import planned_config
 
     cfg, report = state.cfg, state.report
     t = time.perf_counter()
@@ -137,8 +138,9 @@ def dkm_phase(state: RecipeRun) -> None:
             report["post_training"] = phases.evaluate(cfg, ptq, state.datamodule, state.run_dir,
                                                       label=f"post-training {int(cfg.palettization.n_bits)}-bit")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
+        dkm_config = planned_config(cfg, state.lit, state.datamodule, state.dkm_configs[None])
         callback, report["layers"] = phases.dkm_finetune(cfg, state.lit, state.datamodule, state.run_dir,
-                                                         state.dkm_configs[None], export=True, example=state.example)
+                                                         dkm_config, export=True, example=state.example)
         report["palettized"] = phases.evaluate(cfg, state.lit, state.datamodule, state.run_dir,
                                                label=f"dkm {cfg.palettization.n_bits}-bit")
     report["artifacts"] = phases.artifacts(cfg, callback)

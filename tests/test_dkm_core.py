@@ -440,7 +440,7 @@ def test_binned_and_dense_training_agree():
 def test_palettizer_state_dict_round_trip():
     model, pal = palettize({"n_bits": 2, "milestone": 10})
     state = pal.state_dict()
-    assert state == {"step_count": 3}
+    assert state == {"step_count": 3, "total_steps": None}
     pal2 = DKMPalettizer(model, pal.config)
     pal2.load_state_dict({"step_count": 10})
     assert bool(model[0].parametrizations.weight[0].enabled)

@@ -25,6 +25,7 @@ from dkm_palett.validation import check_choice, check_int, check_number, check_t
 KMEANS_INITS = ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans", "opt1d", "uniform")
 PALETT_MODES = ("dkm", "gsm", "hard")
 DKM_IMPLS = ("auto", "dense", "binned")
+FINALIZE_LUTS = ("dkm", "mean")
 _ACT_DTYPES = {"qint8": torch.qint8, "quint8": torch.quint8, torch.qint8: torch.qint8, torch.quint8: torch.quint8}
 _ACT_RANGES = {torch.qint8: (-128, 127), torch.quint8: (0, 255)}
 
@@ -70,6 +71,9 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     lut_dtype: Optional[str] = None
     dkm_impl: str = "auto"
     dkm_bins: int = 65536
+    total_steps: Optional[int] = None
+    hard_fraction: float = 0.0
+    finalize_lut: str = "mean"
 
     def __post_init__(self):
         self._check_schedule()
@@ -143,6 +147,10 @@ class ModuleDKMPalettizerConfig(ConfigIO):
         check_number("palett_cluster_tol", self.palett_cluster_tol, minimum=0.0, maximum=1.0)
         check_choice("dkm_impl", self.dkm_impl, DKM_IMPLS)
         check_int("dkm_bins", self.dkm_bins, minimum=16)
+        if self.total_steps is not None:
+            check_int("total_steps", self.total_steps, minimum=1)
+        check_number("hard_fraction", self.hard_fraction, minimum=0.0, maximum=1.0)
+        check_choice("finalize_lut", self.finalize_lut, FINALIZE_LUTS)
 
     def _check_combinations(self) -> None:
         if self.cluster_dim not in (None, 1) and self.dkm_impl == "binned":

@@ -46,43 +46,8 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
         Runs in eval mode with ``torch.autograd.grad``: the model's weights, ``.grad``, ``requires_grad`` and
         train/eval modes are as before afterwards. ``progress``: a bar over the calibration batches (``None``: only
         in interactive sessions, see ``dkm_palett.progress``)."""
-        if num_batches is not None:
-            check_int("num_batches", num_batches, minimum=1)
-        show = show_progress(progress)
-        total = _batch_count(dataloader, num_batches)
-        params = dict(self.model.named_parameters())
         names = [p.name for p in self.config.plan(self.model) if p.selected]
-        missing = [n for n in names if n not in params]
-        if missing:
-            raise ValueError(f"cannot compute sensitivities for {missing}: not plain parameters of the model.")
-        tensors = [params[n] for n in names]
-        modes = {m: m.training for m in self.model.modules()}
-        requires = {id(p): p.requires_grad for p in tensors}
-        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
-        seen = 0
-        try:
-            self.model.eval()
-            for p in tensors:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                batches = dataloader if num_batches is None else itertools.islice(dataloader, num_batches)
-                for batch in progress_bar(batches, show, "sensitivity calibration", total=total, unit="batch"):
-                    loss = loss_fn(self.model, batch)
-                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        raise ValueError("loss_fn(model, batch) must return a scalar tensor.")
-                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                    for f, g in zip(fisher, grads):
-                        if g is not None:
-                            f += g.detach().float() ** 2
-                    seen += 1
-        finally:
-            for p in tensors:
-                p.requires_grad_(requires[id(p)])
-            for m, training in modes.items():
-                m.training = training
-        if seen == 0:
-            raise ValueError("dataloader yielded no batches; sensitivities need at least one.")
-        self.sensitivities = dict(zip(names, fisher))
+        self.sensitivities = fisher_diagonal(self.model, names, dataloader, loss_fn, num_batches, progress)
         return self.sensitivities
 
     def compress(self, dataloader: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -94,6 +59,50 @@ class SensitiveKMeansPalettizer(KMeansPalettizer):
         self.compute_sensitivity(dataloader, loss_fn, num_batches, show)
         importance = {n: _stabilize(f, self.damping) for n, f in self.sensitivities.items()}
         return self._palettize(self.model if inplace else copy.deepcopy(self.model), num_workers, show, importance)
+
+
+def fisher_diagonal(model: nn.Module, names: list[str], dataloader: Iterable,
+                    loss_fn: Callable[[nn.Module, Any], torch.Tensor], num_batches: Optional[int] = None,
+                    progress: Optional[bool] = None) -> dict[str, torch.Tensor]:
+    """``{name: sum over batches of grad**2}`` for the named parameters of ``model`` (``loss_fn(model, batch)``: a
+    scalar loss). Runs in eval mode with ``torch.autograd.grad``: weights, ``.grad``, ``requires_grad`` and
+    train/eval modes are as before afterwards."""
+    if num_batches is not None:
+        check_int("num_batches", num_batches, minimum=1)
+    show = show_progress(progress)
+    total = _batch_count(dataloader, num_batches)
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"cannot compute sensitivities for {missing}: not plain parameters of the model.")
+    tensors = [params[n] for n in names]
+    modes = {m: m.training for m in model.modules()}
+    requires = {id(p): p.requires_grad for p in tensors}
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+    seen = 0
+    try:
+        model.eval()
+        for p in tensors:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            batches = dataloader if num_batches is None else itertools.islice(dataloader, num_batches)
+            for batch in progress_bar(batches, show, "sensitivity calibration", total=total, unit="batch"):
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError("loss_fn(model, batch) must return a scalar tensor.")
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                for f, g in zip(fisher, grads):
+                    if g is not None:
+                        f += g.detach().float() ** 2
+                seen += 1
+    finally:
+        for p in tensors:
+            p.requires_grad_(requires[id(p)])
+        for m, training in modes.items():
+            m.training = training
+    if seen == 0:
+        raise ValueError("dataloader yielded no batches; sensitivities need at least one.")
+    return dict(zip(names, fisher))
 
 
 def _batch_count(dataloader: Iterable, num_batches: Optional[int]) -> Optional[int]:
