@@ -31,8 +31,10 @@ state_dict holds the DKM layers, which only a prepared module has); while prepar
 buffer named ``dkm_palett_prepared__load_with__DKMPalettizationCallback_load_prepared``, so torch's "Unexpected
 key(s)" error of such a load names ``load_prepared`` first.
 
-``ddp_spawn``: the workers finalize and export; the main process's module receives the finalized weights (as plain
-tensors) but not the LUT records, reload those with ``load_compressed(<export_dir>/<stem>.safetensors, module)``.
+``ddp_spawn``: the workers finalize and export; the main process's module receives the finalized weights with their
+LUT records (Lightning loads rank 0's state_dict into it, and a finalized weight is a
+:class:`~dkm_palett.palettized_weight.PalettizedWeight` that carries its record through a state_dict). The callback's
+own state (``report``, ``export_paths``) stays in the workers.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from typing_extensions import override
 
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.io import atomic_write_text
-from dkm_palett.lut import records_of
 from dkm_palett.callbacks.lifecycle import (MARKER, PALETTIZERS, check_untracked, export_target, is_prepared,
                                             mark_prepared, raise_on_every_rank, unprepare)
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
@@ -170,10 +171,11 @@ class DKMPalettizationCallback(Callback):
             self.palettizer.step_count = self._pending_step_count
             self._pending_step_count = None
         before = {name for name, _, _, _ in fake_palettizers(pl_module)}
+        records = self.palettizer.records()  # of an earlier finalize; prepare turns those weights dense again
         self.palettizer.prepare(inplace=True)  # idempotent: prepared weights are left alone
         mark_prepared(pl_module, is_prepared(pl_module))
-        self._added.update({name: records_of(module).get(param_name)
-                            for name, module, param_name, _ in fake_palettizers(pl_module) if name not in before})
+        self._added.update({name: records.get(name) for name, _, _, _ in fake_palettizers(pl_module)
+                            if name not in before})
         PALETTIZERS[pl_module] = self.palettizer
         if warn_if_empty and not is_prepared(pl_module):
             rank_zero_warn("DKMPalettizationCallback: the config selects no weight of this module; nothing will be "
@@ -304,7 +306,8 @@ class DKMPalettizationCallback(Callback):
         A fit that fails before training starts (e.g. a ``ckpt_path`` that does not exist) takes back what this
         ``setup`` prepared, so a finalized module stays finalized."""
         if self._added:
-            unprepare(pl_module, self._added)
+            self.palettizer.restore_records(self._added)
+            unprepare(pl_module)
             self._added = {}
             return
         if self.palettizer is not None and not self.finalized:

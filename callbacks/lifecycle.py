@@ -8,9 +8,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.nn.utils import parametrize
 
-from dkm_palett.lut import attach
 from dkm_palett.palettizer import DKMPalettizer, fake_palettizers
 
 # the palettizer that last prepared each module: a fresh callback on a still-prepared module continues its step count
@@ -52,21 +50,16 @@ def is_prepared(module: torch.nn.Module) -> bool:
 def check_untracked(module: torch.nn.Module) -> None:
     """A module prepared elsewhere is fine at step 0, but not once a layer is past its milestone."""
     for name, _, _, fp in fake_palettizers(module):
-        if bool(fp.enabled) and fp.config.milestone > 0:
+        if bool(fp.enabled) and fp.settings.milestone > 0:
             raise ValueError(
-                f"the module is already prepared and {name} is past its milestone ({fp.config.milestone}), but this "
+                f"the module is already prepared and {name} is past its milestone ({fp.settings.milestone}), but this "
                 "DKMPalettizationCallback does not know its step count; resume with trainer.fit(..., ckpt_path=...), "
                 "reuse the callback that prepared it, or load it with DKMPalettizationCallback.load_prepared.")
 
 
-def unprepare(model: torch.nn.Module, added: dict) -> None:
-    """Remove the DKM layers of ``added`` (weight name -> earlier record or None), restoring weights and records."""
-    for name, record in added.items():
-        module_name, _, param_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
-        if record is not None:
-            attach(module, param_name, record)
+def unprepare(model: torch.nn.Module) -> None:
+    """Forget the palettizer of ``model`` after its DKM layers were taken back
+    (:meth:`DKMPalettizer.restore_records`)."""
     PALETTIZERS.pop(model, None)
     mark_prepared(model, is_prepared(model))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -38,6 +39,42 @@ _INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weig
 _log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DKMLayerSettings:
+    """What one DKM layer reads, fixed when the model is prepared: the DKM fields of the user's
+    :class:`~dkm_palett.config.training.ModuleDKMPalettizerConfig` (same names and meanings), kept apart from the
+    user config as torchao keeps its config apart from its fake quantizer. The layout fields (bits,
+    granularity, cluster_dim, LUT dtype, scale) are in the layer's :class:`~dkm_palett.spec.PalettizationSpec`."""
+
+    milestone: int = 0
+    palett_mode: str = "dkm"
+    palett_tau: float = 1e-4
+    palett_epsilon: float = 1e-4
+    palett_lambda: float = 0.0
+    kmeans_max_iter: int = 3
+    kmeans_init: str = "auto"
+    kmeans_opt1d_threshold: int = 1024
+    palett_max_mem: float = 1.0
+    palett_cluster_tol: float = 0.0
+    dkm_impl: str = "auto"
+    dkm_bins: int = 65536
+    add_extra_centroid: bool = False
+    enforce_zero: bool = False
+    prune_threshold: float = 0.0
+    quant_min: int = -128
+    quant_max: int = 127
+    total_steps: Optional[int] = None
+    hard_fraction: float = 0.0
+    finalize_lut: str = "mean"
+
+    @classmethod
+    def from_config(cls, config: ModuleDKMPalettizerConfig) -> "DKMLayerSettings":
+        """The settings of a validated module config."""
+        if not isinstance(config, ModuleDKMPalettizerConfig):
+            raise TypeError(f"config must be a ModuleDKMPalettizerConfig, got {type(config).__name__}.")
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
 class FakePalettize(nn.Module):
     """Differentiable k-means palettization of one weight (a ``torch.nn.utils.parametrize`` parametrization).
 
@@ -51,23 +88,26 @@ class FakePalettize(nn.Module):
     #: weight until the layer's backward); False keeps it and saves one DKM forward per layer and step.
     recompute = True
 
-    def __init__(self, spec: PalettizationSpec, config: ModuleDKMPalettizerConfig, shape: tuple[int, ...],
+    def __init__(self, spec: PalettizationSpec, settings: DKMLayerSettings, shape: tuple[int, ...],
                  name: str = "weight"):
         super().__init__()
+        if not isinstance(settings, DKMLayerSettings):
+            raise TypeError(f"settings must be DKMLayerSettings (DKMLayerSettings.from_config(module_config)), got "
+                            f"{type(settings).__name__}.")
         self.spec = spec
-        self.config = config
+        self.settings = settings
         self.name = name
         self.shape = tuple(shape)
         self.axis = spec.axis
         self.group_size = spec.group_size_for(self.shape)
         n_groups = self.shape[self.axis] // self.group_size
-        self.n_clusters = spec.n_clusters + (1 if config.add_extra_centroid else 0)
+        self.n_clusters = spec.n_clusters + (1 if settings.add_extra_centroid else 0)
         zero_index = None
-        if config.add_extra_centroid:
+        if settings.add_extra_centroid:
             zero_index = self.n_clusters - 1
         self.register_buffer("centroids", torch.zeros(n_groups, self.n_clusters, spec.cluster_dim))
         self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("enabled", torch.tensor(config.milestone == 0))
+        self.register_buffer("enabled", torch.tensor(settings.milestone == 0))
         self.register_buffer("zero_index", torch.tensor(-1 if zero_index is None else zero_index))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_error", torch.tensor(float("nan")))
@@ -86,7 +126,7 @@ class FakePalettize(nn.Module):
         return min(b for b in ALLOWED_N_BITS if b >= need)
 
     def params(self) -> DKMParams:
-        cfg = self.config
+        cfg = self.settings
         zi = int(self.zero_index)
         return DKMParams(
             tau=cfg.palett_tau, mode=cfg.palett_mode, max_iter=cfg.kmeans_max_iter, epsilon=cfg.palett_epsilon,
@@ -97,8 +137,8 @@ class FakePalettize(nn.Module):
     def _prepare_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Prune, scale and regroup the weight into ``(G, N, D)`` float32 vectors (differentiable)."""
         w = weight.float()
-        if self.config.prune_threshold > 0:
-            w = torch.nn.functional.hardshrink(w, self.config.prune_threshold)
+        if self.settings.prune_threshold > 0:
+            w = torch.nn.functional.hardshrink(w, self.settings.prune_threshold)
         scale = None
         if self.spec.enable_per_channel_scale:
             scale = channel_scale(w.detach(), self.axis)
@@ -113,7 +153,7 @@ class FakePalettize(nn.Module):
 
     def _budget(self, device: torch.device) -> float:
         """The DKM memory this layer may use now (shared with the model's other layers, see budget.py)."""
-        return self.memory_budget.free(self.config.palett_max_mem, device)
+        return self.memory_budget.free(self.settings.palett_max_mem, device)
 
     def engine(self, weight: torch.Tensor, x: torch.Tensor, c0: torch.Tensor) -> tuple[str, int]:
         """``(name, grid points)`` of the DKM implementation for this step: ``"fused"`` (exact, scalar ``dkm`` mode
@@ -121,7 +161,7 @@ class FakePalettize(nn.Module):
         ``grid points`` within the error bound of :func:`grid_points`). ``auto`` takes the exact fused kernels up to
         ``FUSED_MAX_CLUSTERS`` centroids, the binned DKM above when its grid is at most ``dkm_bins`` points and
         smaller than the weights per LUT, and exact DKM otherwise."""
-        cfg = self.config
+        cfg = self.settings
         exact = "fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "dense"
         if self.spec.cluster_dim != 1 or cfg.palett_mode != "dkm":
             return "dense", 0
@@ -153,7 +193,7 @@ class FakePalettize(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """k-means on the first enabled forward, per LUT group, with ``kmeans_init``."""
-        cfg = self.config
+        cfg = self.settings
         groups, _, dim = x.shape
         k = self.n_clusters - (1 if cfg.add_extra_centroid else 0)
         gen = torch.Generator().manual_seed(self._seed)
@@ -177,9 +217,9 @@ class FakePalettize(nn.Module):
     def _init_method(self, dim: int) -> str:
         """The :func:`dkm_palett.kmeans.kmeans` method for ``kmeans_init`` (coremltools' names for k-means++
         use exact 1-D k-means for scalar LUTs on weights with at least ``kmeans_opt1d_threshold`` channels)."""
-        method = self.config.kmeans_init
+        method = self.settings.kmeans_init
         if method in ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans"):
-            use_opt1d = dim == 1 and self.shape[self.axis] >= self.config.kmeans_opt1d_threshold
+            use_opt1d = dim == 1 and self.shape[self.axis] >= self.settings.kmeans_opt1d_threshold
             return "opt1d" if use_opt1d else "kmeans++"
         if method == "opt1d" and dim > 1:
             return "kmeans++"
@@ -190,7 +230,7 @@ class FakePalettize(nn.Module):
     @torch.no_grad()
     def split_duplicates(self, x: torch.Tensor) -> int:
         """palett_cluster_tol: move centroids closer than ``tol * range / K`` to the worst-fit weight vector."""
-        tol = self.config.palett_cluster_tol
+        tol = self.settings.palett_cluster_tol
         if tol <= 0:
             return 0
         moved = 0
@@ -251,7 +291,7 @@ class FakePalettize(nn.Module):
         :mod:`dkm_palett.schedule` always the clusters' means), exactly its values forward, a straight-through
         gradient. A pure function of the weight and the centroids, so a module that reads its weight twice in one
         forward sees the same values; the hard phase moves the centroids in :meth:`advance`, once per step."""
-        cfg = self.config
+        cfg = self.settings
         centroids = self.final_lut(x.detach(), mean=self.training or None)
         lut = round_lut(centroids, self.spec.lut_dtype, cfg.quant_min, cfg.quant_max)
         idx = nearest_entry(x.detach(), lut)
@@ -292,9 +332,9 @@ class FakePalettize(nn.Module):
         """The centroids ``(G, K, D)`` finalize ships for the grouped weights ``x``: DKM's, or with
         ``finalize_lut="mean"`` (or ``mean=True``) each moved to the mean of the weights nearest to it (one Lloyd
         step, the best LUT for that assignment; :func:`dkm_palett.schedule.cluster_means`). Leaves the state alone."""
-        if not (self.config.finalize_lut == "mean" if mean is None else mean):
+        if not (self.settings.finalize_lut == "mean" if mean is None else mean):
             return self.centroids
-        zi, cfg = int(self.zero_index), self.config
+        zi, cfg = int(self.zero_index), self.settings
         return cluster_means(x, self.centroids, None if zi < 0 else zi, self.spec.lut_dtype, cfg.quant_min,
                              cfg.quant_max)
 
@@ -316,14 +356,14 @@ class FakePalettize(nn.Module):
             pad = lut[:, -1:].expand(-1, spec.n_clusters - lut.shape[1], -1)
             lut = torch.cat([lut, pad], dim=1)
         pre = weight.float()
-        if self.config.prune_threshold > 0:
-            pre = torch.nn.functional.hardshrink(pre, self.config.prune_threshold)
-        return palettize_with_lut(pre.to(weight.dtype), lut, spec, scale, self.config.quant_min,
-                                  self.config.quant_max)
+        if self.settings.prune_threshold > 0:
+            pre = torch.nn.functional.hardshrink(pre, self.settings.prune_threshold)
+        return palettize_with_lut(pre.to(weight.dtype), lut, spec, scale, self.settings.quant_min,
+                                  self.settings.quant_max)
 
     def extra_repr(self) -> str:
         return (f"n_bits={self.spec.n_bits}, cluster_dim={self.spec.cluster_dim}, groups={self.centroids.shape[0]}, "
-                f"lut_dtype={self.spec.lut_dtype}, mode={self.config.palett_mode}")
+                f"lut_dtype={self.spec.lut_dtype}, mode={self.settings.palett_mode}")
 
 
 def _worst_fit(x: torch.Tensor, lut: torch.Tensor, count: int, chunk: int = 1 << 20) -> torch.Tensor:

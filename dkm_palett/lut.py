@@ -11,11 +11,10 @@ vector axis; the LUT has rank ``len(S) + 2``: ``G`` along ``a``, 1 elsewhere, th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from dkm_palett.kmeans import nearest_centroid
 from dkm_palett.spec import PalettizationSpec, lut_dtype_info
@@ -154,9 +153,11 @@ def nearest_entry(vectors: torch.Tensor, lut: torch.Tensor, max_chunk_elems: int
 # ----------------------------------------------------------------------------------------- the record
 
 
-@dataclass
+@dataclass(eq=False)
 class PalettizedTensor:
-    """A palettized weight: ``dense = lut[group][indices] (* per-channel scale)``, in the grouped layout."""
+    """A palettized weight: ``dense = lut[group][indices] (* per-channel scale)``, in the grouped layout. On a
+    module it is stored as a :class:`~dkm_palett.palettized_weight.PalettizedWeight` (``.record`` gives it back).
+    Two records are equal when their metadata and tensors are equal."""
 
     lut: torch.Tensor  # (G, K, D) float32: the stored values (already rounded to lut_dtype)
     indices: torch.Tensor  # (G, M) uint8 (n_bits <= 8): 1 byte a weight, so a finalized 1B model stays small
@@ -184,6 +185,15 @@ class PalettizedTensor:
     def __post_init__(self):
         if self.indices.dtype != torch.uint8:
             self.indices = self.indices.to(torch.uint8)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PalettizedTensor):
+            return NotImplemented
+        meta = ("shape", "axis", "group_size", "n_bits", "lut_dtype", "dtype")
+        return (all(tuple(getattr(self, m)) == tuple(getattr(other, m)) if m == "shape" else
+                    getattr(self, m) == getattr(other, m) for m in meta)
+                and _same(self.lut, other.lut) and _same(self.indices, other.indices)
+                and _same(self.scale, other.scale) and _same_quant(self.lut_quant, other.lut_quant))
 
     def to_dense(self) -> torch.Tensor:
         vectors = torch.gather(
@@ -219,6 +229,18 @@ class PalettizedTensor:
         return bits
 
 
+def _same(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+
+
+def _same_quant(a: Optional[LutQuantization], b: Optional[LutQuantization]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return _same(a.q, b.q) and _same(a.scale, b.scale) and _same(a.zero_point, b.zero_point)
+
+
 def palettize_with_lut(weight: torch.Tensor, lut: torch.Tensor, spec: PalettizationSpec,
                        scale: Optional[torch.Tensor] = None, quant_min: int = -128,
                        quant_max: int = 127) -> PalettizedTensor:
@@ -245,29 +267,3 @@ def palettize_with_lut(weight: torch.Tensor, lut: torch.Tensor, spec: Palettizat
         lut_dtype=spec.lut_dtype, scale=None if scale is None else scale.float().cpu(), lut_quant=lut_quant,
         dtype=weight.dtype,
     )
-
-
-# ----------------------------------------------------------------------------------------- on modules
-
-_ATTR = "_palettized_tensors"
-
-
-def attach(module: nn.Module, param_name: str, record: PalettizedTensor) -> None:
-    """Write ``record`` into ``module.<param_name>`` as a plain parameter and remember the record."""
-    param = getattr(module, param_name)
-    with torch.no_grad():
-        param.copy_(record.to_dense().to(param.device, param.dtype))
-    records = module.__dict__.setdefault(_ATTR, {})
-    records[param_name] = record
-
-
-def records_of(module: nn.Module) -> dict[str, PalettizedTensor]:
-    return module.__dict__.get(_ATTR, {})
-
-
-def palettized_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, PalettizedTensor]]:
-    """Yield ``(qualified_name, module, param_name, record)`` for every palettized weight in ``model``."""
-    for mod_name, module in model.named_modules():
-        for param_name, record in records_of(module).items():
-            full = f"{mod_name}.{param_name}" if mod_name else param_name
-            yield full, module, param_name, record

@@ -12,9 +12,10 @@ from torch.nn.utils import parametrize
 from dkm_palett import recompute, schedule
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
-from dkm_palett.fake_palettize import FakePalettize
-from dkm_palett.lut import attach, palettized_tensors, records_of
+from dkm_palett.fake_palettize import DKMLayerSettings, FakePalettize
+from dkm_palett.lut import PalettizedTensor
 from dkm_palett.module_support import is_supported
+from dkm_palett.palettized_weight import attach, make_dense, palettized_tensors
 from dkm_palett.plots import weight_histogram
 from dkm_palett.progress import LayerProgress, progress_bar, show_progress
 from dkm_palett.report import Report, record_stats, skipped_stats
@@ -70,8 +71,10 @@ class DKMPalettizer:
         for planned in self.config.plan(model):
             module, cfg = planned.module, planned.config
             if planned.selected:
-                weight = planned.weight
-                fp = FakePalettize(planned.spec, cfg, tuple(weight.shape), name=planned.name).to(weight.device)
+                make_dense(module, planned.param_name)  # a finalized weight trains again from its LUT[indices] values
+                weight = getattr(module, planned.param_name)
+                settings = DKMLayerSettings.from_config(cfg)
+                fp = FakePalettize(planned.spec, settings, tuple(weight.shape), name=planned.name).to(weight.device)
                 fp.memory_budget = budget
                 parametrize.register_parametrization(module, planned.param_name, fp, unsafe=True)
                 recompute.install(module)
@@ -106,12 +109,12 @@ class DKMPalettizer:
     def _sync_enabled(self) -> None:
         layers = [fp for _, _, _, fp in fake_palettizers(self.model)]
         for fp in layers:
-            fp.enabled.fill_(self.step_count >= fp.config.milestone)
-            total = fp.config.total_steps or self.total_steps
-            fp.hard = schedule.hard_phase(fp.config, self.step_count, total)
+            fp.enabled.fill_(self.step_count >= fp.settings.milestone)
+            total = fp.settings.total_steps or self.total_steps
+            fp.hard = schedule.hard_phase(fp.settings, self.step_count, total)
         if not self.show_progress:
             return
-        pending = [fp for fp in layers if fp.init_progress is None and self.step_count >= fp.config.milestone
+        pending = [fp for fp in layers if fp.init_progress is None and self.step_count >= fp.settings.milestone
                    and not bool(fp.initialized)]
         if pending:  # these initialise in their next forward
             bar = LayerProgress(len(pending), "DKM k-means init", progress=True)
@@ -128,7 +131,8 @@ class DKMPalettizer:
 
     # ------------------------------------------------------------------------------------ finalize
     def finalize(self, model: Optional[nn.Module] = None, inplace: bool = False) -> nn.Module:
-        """Replace every DKM layer by a plain weight equal to ``LUT[indices]``; keep the LUT/indices record."""
+        """Replace every DKM layer by a :class:`~dkm_palett.palettized_weight.PalettizedWeight`: the frozen weight
+        ``LUT[indices]``, stored as its record (LUT, uint8 indices, scales), which ``state_dict`` carries."""
         model = self.model if model is None else model
         if not inplace:
             model = copy.deepcopy(model)
@@ -150,13 +154,28 @@ class DKMPalettizer:
             self.model = model
         return model
 
+    def records(self) -> dict[str, PalettizedTensor]:
+        """``{weight name: record}`` of the finalized (palettized) weights of ``self.model``."""
+        return {name: record for name, _, _, record in palettized_tensors(self.model)}
+
     def forget_records(self) -> int:
-        """Drop the finalized records (LUT, indices) of ``self.model``, e.g. before preparing a finalized model
-        again; its weights stay as they are. Returns how many were dropped."""
+        """Turn the finalized weights of ``self.model`` back into plain trainable parameters of the same values
+        (dropping their LUT/indices records), e.g. before training a finalized model again. Returns how many."""
         records = list(palettized_tensors(self.model))
         for _, module, param_name, _ in records:
-            records_of(module).pop(param_name, None)
+            make_dense(module, param_name)
         return len(records)
+
+    def restore_records(self, records: dict[str, Optional[PalettizedTensor]]) -> None:
+        """Take back the DKM layers of the weights named in ``records`` and give each its earlier record back
+        (None: a plain weight); what a fit that fails before training does with the weights it prepared."""
+        for name, record in records.items():
+            module_name, _, param_name = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            if parametrize.is_parametrized(module, param_name):
+                parametrize.remove_parametrizations(module, param_name, leave_parametrized=False)
+            if record is not None:
+                attach(module, param_name, record)
 
     # ------------------------------------------------------------------------------------ report
     def report(self) -> Report:

@@ -172,7 +172,7 @@ def dkm_finetune(cfg: DictConfig, lit: L.LightningModule, datamodule, run_dir: P
                  phase: str = "dkm", export: bool = False, example: Any = None) -> tuple[Any, dict]:
     """Fine-tune with the DKM callback, which finalizes at fit end (and, with ``export``, writes the Core ML and
     portable files into ``<run>/<export.dir>``). Returns (callback, per-layer report)."""
-    from dkm_palett.lut import palettized_tensors
+    from dkm_palett.palettized_weight import palettized_tensors
 
     set_lr(lit, cfg.finetune.get("lr"))
     kwargs: dict[str, Any] = {"config": dkm_config}

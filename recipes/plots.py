@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from dkm_palett.io import atomic_path  # noqa: E402
-from dkm_palett.lut import palettized_tensors  # noqa: E402
+from dkm_palett.palettized_weight import palettized_tensors  # noqa: E402
 from dkm_palett.plots import plot_weight_histograms, weight_histogram  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def compression(model: nn.Module) -> dict:
     """Sizes of ``model`` (a finalized, palettized module): float bytes of every floating-point tensor in its
     state_dict, the bytes when palettized weights are stored as packed indices + LUTs (+ scales), and
     ``compression_ratio = float_bytes / compressed_bytes`` (how many times smaller)."""
-    from dkm_palett.lut import palettized_tensors
+    from dkm_palett.palettized_weight import palettized_tensors
     from dkm_palett.report import record_bytes
 
     state = model.state_dict()

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from dkm_palett.callbacks import DKMPalettizationCallback  # noqa: E402
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig  # noqa: E402
-from dkm_palett.lut import palettized_tensors  # noqa: E402
+from dkm_palett.palettized_weight import palettized_tensors  # noqa: E402
 from dkm_palett.palettizer import fake_palettizers  # noqa: E402
 from helpers_lightning import DigitsClassifier, DigitsDataModule, quiet_trainer_kwargs  # noqa: E402
 

@@ -1,5 +1,6 @@
 """DKMPalettizationCallback under DDP on CPU (gloo, 2 processes): every rank ends with identical LUTs/indices/weights,
-only global rank 0 exports, and ``ddp_spawn`` hands the finalized weights back to the main process.
+only global rank 0 exports, and ``ddp_spawn`` hands the finalized weights with their LUT records back to the main
+process.
 
 Each strategy runs this file as a script in a subprocess (the ``ddp`` launcher re-executes the script for rank 1);
 every rank saves what it holds after fit to ``<out>/rank<r>.pt`` and the test compares the files.
@@ -39,7 +40,7 @@ class SaveRankState(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         from dkm_palett.io import atomic_torch_save
-        from dkm_palett.lut import palettized_tensors
+        from dkm_palett.palettized_weight import palettized_tensors
 
         records = {name: {"lut": rec.lut, "indices": rec.indices} for name, _, _, rec in palettized_tensors(pl_module)}
         atomic_torch_save({"records": records, "state_dict": pl_module.state_dict(),
@@ -96,7 +97,10 @@ def run_training(strategy: str, out: Path) -> None:
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[callback, SaveRankState(callback, out)])
     trainer.fit(module, DigitsDataModule())
     if strategy == "ddp_spawn":  # the main process: the workers' finalized weights were loaded into ``module``
-        atomic_torch_save({"state_dict": module.state_dict()}, out / "main.pt")
+        from dkm_palett.palettized_weight import palettized_tensors
+
+        records = {name: {"lut": rec.lut, "indices": rec.indices} for name, _, _, rec in palettized_tensors(module)}
+        atomic_torch_save({"state_dict": module.state_dict(), "records": records}, out / "main.pt")
 
 
 # ----------------------------------------------------------------------------------------------- test side
@@ -167,9 +171,13 @@ def test_ddp_ranks_hold_identical_luts(strategy, tmp_path):
     loaded = load_compressed(tmp_path / "artifacts" / "model.safetensors", DigitsClassifier(seed=1)).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in first["state_dict"].items())
 
-    if strategy == "ddp_spawn":
-        main = torch.load(tmp_path / "main.pt", weights_only=True)["state_dict"]
-        assert all(torch.equal(main[k], v) for k, v in first["state_dict"].items())
+    if strategy == "ddp_spawn":  # the main process holds rank 0's weights and LUT records, with no reload
+        main = torch.load(tmp_path / "main.pt", weights_only=True)
+        assert all(torch.equal(main["state_dict"][k], v) for k, v in first["state_dict"].items())
+        assert sorted(main["records"]) == ["net.1.weight", "net.3.weight"]
+        for name, rec in first["records"].items():
+            assert torch.equal(rec["lut"], main["records"][name]["lut"]), name
+            assert torch.equal(rec["indices"], main["records"][name]["indices"]), name
 
 
 if __name__ == "__main__":

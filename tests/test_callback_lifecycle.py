@@ -13,7 +13,7 @@ L = pytest.importorskip("lightning")
 
 from dkm_palett import DKMPalettizer  # noqa: E402
 from dkm_palett.callbacks import DKMPalettizationCallback  # noqa: E402
-from dkm_palett.lut import palettized_tensors  # noqa: E402
+from dkm_palett.palettized_weight import palettized_tensors  # noqa: E402
 from dkm_palett.palettizer import fake_palettizers  # noqa: E402
 from helpers_lightning import DigitsClassifier, DigitsDataModule, make_net, quiet_trainer_kwargs  # noqa: E402
 

@@ -1,5 +1,6 @@
 """The DKM layer, its configs and the palettizer: each field changes what its name says."""
 
+import dataclasses
 import io
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from dkm_palett import DKMPalettizer, DKMPalettizerConfig, FakePalettize, ModuleDKMPalettizerConfig
 from dkm_palett.dkm_binned import BinnedDKM
 from dkm_palett.dkm_math import DenseDKM, DKMParams, dkm_reference
-from dkm_palett.lut import palettized_tensors
+from dkm_palett.palettized_weight import palettized_tensors, records_of
 from dkm_palett.palettizer import fake_palettizers
 
 
@@ -302,7 +303,7 @@ def test_unknown_keys_named_and_round_trip():
 def test_lut_dtype_rounds_the_learned_lut(lut_dtype):
     model, pal = palettize({"n_bits": 4, "lut_dtype": lut_dtype})
     final = pal.finalize()
-    record = final[0]._palettized_tensors["weight"]
+    record = records_of(final[0])["weight"]
     casts = {"f16": torch.float16, "bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
              "fp8_e5m2": torch.float8_e5m2}
     if lut_dtype in casts:
@@ -314,7 +315,7 @@ def test_lut_dtype_rounds_the_learned_lut(lut_dtype):
 
 def test_per_channel_scale():
     model, pal = palettize({"n_bits": 2, "enable_per_channel_scale": True})
-    record = pal.finalize()[0]._palettized_tensors["weight"]
+    record = records_of(pal.finalize()[0])["weight"]
     assert record.scale is not None and record.scale.shape == (64,)
     assert lut_of(model).abs().max() <= 1.0 + 1e-6  # clustering happened on max-abs normalised channels
 
@@ -325,7 +326,7 @@ def test_enforce_zero_and_extra_centroid():
     model2, pal2 = palettize({"n_bits": 2, "add_extra_centroid": True})
     lut = lut_of(model2)
     assert lut.shape[1] == 5 and lut[0, -1].item() == 0.0
-    record = pal2.finalize()[0]._palettized_tensors["weight"]
+    record = records_of(pal2.finalize()[0])["weight"]
     assert record.n_bits == 3 and record.to_dense().unique().numel() <= 5
 
 
@@ -368,7 +369,7 @@ def test_cluster_tol_splits_duplicates():
     fp.centroids[0, 1] = fp.centroids[0, 0]
     x = model[0].parametrizations.weight.original.detach().reshape(1, -1, 1)
     assert fp.split_duplicates(x) == 1 and fp.centroids[0, 1] != fp.centroids[0, 0]
-    fp.config.palett_cluster_tol = 0.0
+    fp.settings = dataclasses.replace(fp.settings, palett_cluster_tol=0.0)
     fp.centroids[0, 1] = fp.centroids[0, 0]
     assert fp.split_duplicates(x) == 0
 
@@ -404,7 +405,7 @@ def test_quantize_activations_fake_quantizes_outputs():
 
 def test_cluster_permute_moves_the_vector_axis():
     model, pal = palettize({"n_bits": 2, "cluster_dim": 2, "cluster_permute": (1, 0)})
-    record = pal.finalize()[0]._palettized_tensors["weight"]
+    record = records_of(pal.finalize()[0])["weight"]
     assert record.axis == 1
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dkm_palett import lut as lut_mod
+from dkm_palett import palettized_weight as pw_mod
 from dkm_palett.export.compressed import FORMAT_VERSION, load_compressed, save_compressed
 from dkm_palett.spec import LUT_DTYPES, PalettizationSpec, PerGroupedChannelGranularity
 
@@ -32,7 +33,7 @@ def _palettize(module, param, spec, per_channel_scale=False, seed=0):
     scale = lut_mod.channel_scale(w, spec.axis) if per_channel_scale else None
     spread = 1.0 if per_channel_scale else float(w.abs().max())
     lut = (torch.rand(groups, 2 ** spec.n_bits, spec.cluster_dim, generator=gen) * 2 - 1) * spread
-    lut_mod.attach(module, param, lut_mod.palettize_with_lut(w, lut, spec, scale))
+    pw_mod.attach(module, param, lut_mod.palettize_with_lut(w, lut, spec, scale))
 
 
 def _net(spec, per_channel_scale=False, seed=0) -> Net:
@@ -56,8 +57,8 @@ def _assert_same(a: nn.Module, b: nn.Module):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
-    ra = {n: r for n, _, _, r in lut_mod.palettized_tensors(a)}
-    rb = {n: r for n, _, _, r in lut_mod.palettized_tensors(b)}
+    ra = {n: r for n, _, _, r in pw_mod.palettized_tensors(a)}
+    rb = {n: r for n, _, _, r in pw_mod.palettized_tensors(b)}
     assert ra.keys() == rb.keys() and len(ra) == 4
     for n in ra:
         x, y = ra[n], rb[n]

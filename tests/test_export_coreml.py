@@ -13,6 +13,7 @@ from torch import nn
 ct = pytest.importorskip("coremltools")
 
 from dkm_palett import lut as lut_mod  # noqa: E402
+from dkm_palett import palettized_weight as pw_mod  # noqa: E402
 from dkm_palett.export import coreml as cm  # noqa: E402
 from dkm_palett.spec import PalettizationSpec, PerGroupedChannelGranularity  # noqa: E402
 
@@ -45,7 +46,7 @@ def _palettize(module, param, spec, per_channel_scale=False, seed=0):
     spread = 1.0 if per_channel_scale else float(w.abs().max())
     lut = (torch.rand(groups, 2 ** spec.n_bits, spec.cluster_dim, generator=gen) * 2 - 1) * spread
     rec = lut_mod.palettize_with_lut(w, lut, spec, scale)
-    lut_mod.attach(module, param, rec)
+    pw_mod.attach(module, param, rec)
     return rec
 
 
@@ -63,7 +64,7 @@ def _entries(path) -> dict:
 
 def _check_exact(model, path, expect_opset):
     entries = _entries(path)
-    records = list(lut_mod.palettized_tensors(model))
+    records = list(pw_mod.palettized_tensors(model))
     assert len(entries) == len(records)
     for name, _, _, rec in records:
         e = entries[name.replace(".", "_")]
@@ -101,7 +102,7 @@ def test_per_tensor_scalar_4bit_is_ios16_and_exact(tmp_path):
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert len(list(lut_mod.palettized_tensors(model))) == 2
+    assert len(list(pw_mod.palettized_tensors(model))) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["m.mlpackage"]
 
 
@@ -132,7 +133,7 @@ def test_ios18_features_are_exact(tmp_path, kw, pcs):
     entries = _check_exact(model, out, "iOS18")
     if kw.get("lut_dtype") in ("i8", "u8"):
         int_dtype = np.int8 if kw["lut_dtype"] == "i8" else np.uint8
-        for name, _, _, rec in lut_mod.palettized_tensors(model):
+        for name, _, _, rec in pw_mod.palettized_tensors(model):
             e = entries[name.replace(".", "_")]
             assert e["lut_storage"].dtype == int_dtype
             np.testing.assert_array_equal(e["lut_storage"], rec.coreml_lut(rec.lut_quant.q).numpy())
@@ -148,9 +149,10 @@ def test_bf16_and_fp8_luts_export_as_fp16_when_exact(tmp_path):
 
 def test_bf16_lut_not_representable_in_fp16_is_refused(tmp_path):
     model = _model(_spec(n_bits=2))
-    rec = lut_mod.records_of(model.fc)["weight"]
+    rec = pw_mod.records_of(model.fc)["weight"]
     rec.lut_dtype = "bf16"
     rec.lut = torch.tensor([1e20, 1.0, -1.0, 2.0]).bfloat16().float().reshape(1, 4, 1)
+    pw_mod.attach(model.fc, "weight", rec)  # a record is a view: put the edited one back
     with pytest.raises(ValueError, match=r"fc\.weight.*bf16.*float16"):
         cm.export_coreml(model, path=tmp_path / "m.mlpackage")
     assert not any(tmp_path.iterdir())
@@ -191,9 +193,10 @@ def test_missing_example_inputs_and_bad_arguments(tmp_path):
 
 def test_unsupported_bit_width_is_refused(tmp_path):
     model = _model(_spec(n_bits=4))
-    rec = lut_mod.records_of(model.fc)["weight"]
+    rec = pw_mod.records_of(model.fc)["weight"]
     rec.n_bits = 5
     rec.lut = torch.zeros(1, 32, 1)
+    pw_mod.attach(model.fc, "weight", rec)
     with pytest.raises(ValueError, match=r"5-bit.*1, 2, 3, 4, 6, 8"):
         cm.export_coreml(model, path=tmp_path / "m.mlpackage")
 
@@ -230,7 +233,7 @@ def test_fp16_precision_with_f32_lut_warns(tmp_path):
     model = _model(_spec(n_bits=4))
     with pytest.warns(UserWarning, match="rounds the float32 LUTs"):
         out = cm.export_coreml(model, path=tmp_path / "m.mlpackage", compute_precision="float16")
-    for name, _, _, rec in lut_mod.palettized_tensors(model):
+    for name, _, _, rec in pw_mod.palettized_tensors(model):
         e = _entries(out)[name.replace(".", "_")]
         np.testing.assert_array_equal(e["lut"], rec.lut.detach().numpy().reshape(-1).astype(np.float16))
         np.testing.assert_array_equal(e["indices"], rec.coreml_indices().numpy())

@@ -16,7 +16,7 @@ from dkm_palett import (
     SensitiveKMeansPalettizer,
     palettize_weights,
 )
-from dkm_palett.lut import palettized_tensors
+from dkm_palett.palettized_weight import palettized_tensors
 from dkm_palett.palettizer import fake_palettizers
 from dkm_palett.plan import PlannedWeight
 from dkm_palett.recipes.config import check_layers

@@ -14,7 +14,7 @@ from dkm_palett import DKMPalettizer
 from dkm_palett import kmeans as km
 from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
 from dkm_palett.kmeans import kmeans_1d_exact, kmeans_plus_plus
-from dkm_palett.lut import palettized_tensors, records_of
+from dkm_palett.palettized_weight import palettized_tensors, records_of
 from dkm_palett.post_training import cluster_weight, palettize_weights
 from dkm_palett.spec import PalettizationSpec
 

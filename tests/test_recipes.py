@@ -110,7 +110,7 @@ def test_default_run_writes_report_plots_logs_artifacts(digits_run):
 
 def test_default_run_model_is_really_palettized_and_portable_file_round_trips(digits_run):
     from dkm_palett.export import load_compressed
-    from dkm_palett.lut import palettized_tensors
+    from dkm_palett.palettized_weight import palettized_tensors
     from dkm_palett.recipes.models import SmallCNN
 
     run_dir, _ = digits_run

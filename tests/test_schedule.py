@@ -137,7 +137,7 @@ def test_mean_refit_lowers_the_clustering_error():
     fp = next(fp for *_, fp in fake_palettizers(model))
     original = model[0].parametrizations.weight.original.detach()
     dkm_error = (fp.to_palettized(original).to_dense() - original).square().sum()
-    fp.config = dataclasses.replace(fp.config, finalize_lut="mean")
+    fp.settings = dataclasses.replace(fp.settings, finalize_lut="mean")
     mean_error = (fp.to_palettized(original).to_dense() - original).square().sum()
     assert mean_error < dkm_error
     with torch.no_grad():

@@ -9,7 +9,7 @@ from torch import nn
 
 from dkm_palett.config.palettize_weights import OpPalettizerConfig, OptimizationConfig
 from dkm_palett.config.kmeans_palettizer import KMeansPalettizerConfig, ModuleKMeansPalettizerConfig
-from dkm_palett.lut import palettized_tensors
+from dkm_palett.palettized_weight import palettized_tensors
 from dkm_palett.post_training import KMeansPalettizer, SensitiveKMeansPalettizer, cluster_weight
 from dkm_palett.spec import PalettizationSpec
 

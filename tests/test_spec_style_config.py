@@ -11,7 +11,7 @@ from dkm_palett.config.kmeans_palettizer import (
     ModuleKMeansPalettizerConfig,
     OpKMeansPalettizerConfig,
 )
-from dkm_palett.lut import palettized_tensors, records_of
+from dkm_palett.palettized_weight import palettized_tensors, records_of
 from dkm_palett.post_training import KMeansPalettizer
 from dkm_palett.spec import (
     PalettizationSpec,

@@ -7,6 +7,7 @@ from torch import nn
 
 from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
 from dkm_palett.lut import quantize_lut_int, round_lut
+from dkm_palett.palettized_weight import records_of
 from dkm_palett.palettizer import fake_palettizers
 
 # --------------------------------------------------------------------------------------- enforce_zero per group
@@ -56,7 +57,7 @@ def test_enforce_zero_pins_each_groups_own_nearest_centroid():
             lut = sorted(layer.centroids[g, :, 0].tolist())
             assert lut == pytest.approx(_expected_lut(levels), abs=0.02), (step, g, lut)
             assert 0.0 in lut, (step, g, lut)
-    record = pal.finalize()._palettized_tensors["weight"]
+    record = records_of(pal.finalize())["weight"]
     for g, levels in enumerate(GROUP_LEVELS):
         assert sorted(record.lut[g, :, 0].tolist()) == pytest.approx(_expected_lut(levels), abs=0.02), g
 
@@ -90,7 +91,7 @@ def test_pruned_weights_are_exactly_zero_after_finalize(n_bits, grouping):
         small = w.abs() <= threshold
         assert small.sum() > 50  # the threshold prunes a real share of the weights
         assert (final[i].weight[small] == 0).all(), i
-        record = final[i]._palettized_tensors["weight"]
+        record = records_of(final[i])["weight"]
         assert (record.lut == 0).any(dim=1).all(), i  # every LUT group holds an exact 0
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dkm_palett import lut as lut_mod
+from dkm_palett.palettized_weight import attach, palettized_tensors
 from dkm_palett.io import atomic_path
 from dkm_palett.spec import LUT_DTYPE_TABLE, LUT_DTYPES, lut_dtype_info
 
@@ -109,7 +110,7 @@ def _palettized_part(model: nn.Module):
     meta: dict[str, dict] = {}
     palettized_params: dict[int, str] = {}
     float_bytes = compressed_bytes = 0
-    for name, module, param_name, rec in lut_mod.palettized_tensors(model):
+    for name, module, param_name, rec in palettized_tensors(model):
         if rec.lut_dtype not in LUT_DTYPES:
             raise ValueError(f"{name}: lut_dtype={rec.lut_dtype!r} is not one of {', '.join(LUT_DTYPES)}.")
         part = _record_tensors(name, rec)
@@ -273,5 +274,5 @@ def load_compressed(path: Union[str, os.PathLike], model: nn.Module) -> nn.Modul
     for name, record in records.items():
         mod_name, param_name = _split(name)
         module = model.get_submodule(mod_name) if mod_name else model
-        lut_mod.attach(module, param_name, record)
+        attach(module, param_name, record)
     return model

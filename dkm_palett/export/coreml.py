@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dkm_palett import lut as lut_mod
+from dkm_palett.palettized_weight import dense_weights, palettized_tensors
 from dkm_palett.export.coreml_mil import (
     float_lut,
     fp16_exact,
@@ -95,7 +96,7 @@ def required_target(model: nn.Module):
     """The lowest Core ML target that holds every palettized weight of ``model`` (None when there are none)."""
     ct = import_coremltools()
     best = None
-    for _, _, _, rec in lut_mod.palettized_tensors(model):
+    for _, _, _, rec in palettized_tensors(model):
         need = ct.target.iOS18 if _features(rec) else ct.target.iOS16
         if best is None or need.value > best.value:
             best = need
@@ -214,7 +215,8 @@ def _convert_stage1(model, example, records, target, precision, trace):
         convert_to="milinternal", minimum_deployment_target=target,
         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32,
     )
-    with _metadata_buffers(model, records), _no_mha_fastpath(), torch.no_grad():
+    # the tracers see plain parameters of the dense LUT[indices] values (torch.jit.trace takes no tensor subclass)
+    with _metadata_buffers(model, records), dense_weights(model), _no_mha_fastpath(), torch.no_grad():
         if trace == "torchscript":
             traced = torch.jit.trace(model, example, check_trace=False, strict=False)
             kwargs["inputs"] = _input_types(example)
@@ -257,7 +259,7 @@ def export_coreml(
     path = _checked_path(path)
     example = _as_tuple(_example_of(model, example_inputs))
     compute_precision = _precision_name(compute_precision)
-    records = list(lut_mod.palettized_tensors(model))
+    records = list(palettized_tensors(model))
     needed = required_target(model)
     target = needed if minimum_deployment_target is None else _target_from(minimum_deployment_target)
     _check_records(records, target)

@@ -7,7 +7,8 @@
 Scalar LUTs (``cluster_dim=1``) are globally optimal weighted 1-D k-means at every tensor size
 (:func:`dkm_palett.kmeans.kmeans_1d_exact`, through the one dispatcher :func:`dkm_palett.kmeans.kmeans`); vector LUTs use k-means++ with restarts.
 
-All three attach a :class:`~dkm_palett.lut.PalettizedTensor` per weight (``lut.attach``), so their output has the
+All three attach a :class:`~dkm_palett.lut.PalettizedTensor` per weight as a
+:class:`~dkm_palett.palettized_weight.PalettizedWeight` (``palettized_weight.attach``), so their output has the
 same form as a DKM-finalized model and the same export paths apply.
 """
 

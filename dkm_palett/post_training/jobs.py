@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from dkm_palett.config.palettize_weights import OpPalettizerConfig
-from dkm_palett.lut import PalettizedTensor, attach
+from dkm_palett.lut import PalettizedTensor
+from dkm_palett.palettized_weight import attach
 from dkm_palett.plan import PlannedWeight
 from dkm_palett.post_training.clustering import cluster_weight
 from dkm_palett.progress import progress_bar
