@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
-from dkm_palett.lut import LutQuantization, PalettizedTensor, broadcast_scale, from_grouped_vectors
+from dkm_palett.lut import LutQuantization, PalettizedTensor
 
 aten = torch.ops.aten
 
@@ -88,12 +88,7 @@ class PalettizedWeight(torch.Tensor):
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight ``LUT[indices] (* scale)``, a plain tensor of this weight's shape, dtype and device."""
-        dim = self.lut.shape[-1]
-        vectors = torch.gather(self.lut, 1, self.indices.long().unsqueeze(-1).expand(-1, -1, dim))
-        dense = from_grouped_vectors(vectors, tuple(self.shape), self.axis, self.group_size)
-        if self.scale is not None:
-            dense = dense * broadcast_scale(self.scale, tuple(self.shape), self.axis)
-        return dense.to(self.dtype)
+        return self.record.to_dense()
 
     def _rebuilt(self, fn, dtype: Optional[torch.dtype] = None) -> "PalettizedWeight":
         """A new weight with ``fn`` applied to each inner tensor (and the dense dtype ``dtype``)."""
@@ -146,6 +141,9 @@ class PalettizedWeight(torch.Tensor):
         if func._schema.is_mutable:
             raise TypeError(f"{func}: a PalettizedWeight is read-only (a finalized weight stores LUT indices); "
                             "prepare the model again (DKMPalettizer.prepare) to train it, or use .dequantize().")
+        if func.is_view:  # a view of a tensor made outside inference mode must not be an inference tensor
+            with torch.inference_mode(False):
+                return func(*_dense(args), **_dense(kwargs))
         return func(*_dense(args), **_dense(kwargs))
 
 
@@ -213,7 +211,12 @@ def _swap_in(dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     new = _loaded(dest, src)
     if isinstance(new, PalettizedWeight) and isinstance(dest, nn.Parameter):
         new = nn.Parameter(new, requires_grad=False)
-    torch.utils.swap_tensors(dest, new)
+    try:
+        torch.utils.swap_tensors(dest, new)
+    except RuntimeError as err:
+        raise RuntimeError(f"cannot turn this {type(dest).__name__} into {type(src).__name__} in place ({err}); "
+                           "load with load_state_dict(..., assign=True), or into a module without autograd "
+                           "history.") from err
     return dest
 
 
@@ -223,15 +226,17 @@ def _rebuild(tensors: dict, ctx: tuple, is_param: bool) -> torch.Tensor:
     return nn.Parameter(weight, requires_grad=False) if is_param else weight
 
 
-torch.serialization.add_safe_globals([_rebuild])  # torch.load(weights_only=True) of its state_dicts
+# torch.load(weights_only=True) of its state_dicts, in a process that imported dkm_palett (as torchao does)
+torch.serialization.add_safe_globals([_rebuild])
 
 
 # ----------------------------------------------------------------------------------------------- on modules
 
 
 def attach(module: nn.Module, param_name: str, record: PalettizedTensor) -> None:
-    """Make ``module.<param_name>`` the palettized weight of ``record`` (the same parameter object, so tied weights
-    stay tied; frozen: ``requires_grad=False``)."""
+    """Make ``module.<param_name>`` the palettized weight of ``record``, frozen (``requires_grad=False``): the same
+    parameter object where ``torch.utils.swap_tensors`` allows it (tied weights stay tied), else a new parameter
+    (e.g. a weight still referenced by an autograd graph of DKM training)."""
     param = getattr(module, param_name)
     weight = nn.Parameter(PalettizedWeight.from_record(record, param.device), requires_grad=False)
     if weight.dtype != record.dtype:

@@ -167,3 +167,36 @@ def test_settings_fields_are_config_fields_with_the_same_defaults():
         assert getattr(defaults, field.name) == field.default, field.name
     with pytest.raises(TypeError, match="ModuleDKMPalettizerConfig"):
         DKMLayerSettings.from_config({"n_bits": 2})
+
+
+class TinyDecoder(nn.Module):
+    """Embedding, a position table read by slicing, attention (its weights read inside F.multi_head_attention_forward)
+    and a head: every way a module reads a weight besides F.linear/conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(50, 16), nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos.weight[:ids.shape[1]].unsqueeze(0)
+        return self.head(self.encoder(x))
+
+
+def test_every_read_of_a_palettized_weight_matches_its_dense_model_also_in_inference_mode(monkeypatch):
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)  # the same attention kernels
+    torch.manual_seed(0)
+    config = OptimizationConfig(global_config=OpPalettizerConfig(nbits=4, weight_threshold=0))
+    model = palettize_weights(TinyDecoder(), config).eval()
+    assert isinstance(model.encoder.layers[0].self_attn.in_proj_weight, PalettizedWeight)
+    ids = torch.randint(0, 50, (2, 10))
+    dense = copy.deepcopy(model)
+    for _, module, param_name, record in list(palettized_tensors(dense)):
+        setattr(module, param_name, nn.Parameter(record.to_dense()))
+    with torch.no_grad():
+        expected = dense(ids)
+        assert torch.equal(model(ids), expected)
+    with torch.inference_mode():  # Lightning's validate/test/predict
+        assert torch.equal(model(ids), expected)
