@@ -73,9 +73,15 @@ def test_the_palettizers_total_steps_stand_in_for_the_configs():
     other = DKMPalettizer(model, cfg)
     other.load_state_dict(palettizer.state_dict())
     assert other.total_steps == 10 and fp.hard
-    cfg.global_config.total_steps = 100
-    palettizer.step()
-    assert not fp.hard
+    # the config's own total_steps wins (the layer reads the settings fixed at prepare, so a new config)
+    own = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=1000,
+                                                                      hard_fraction=0.5, total_steps=100))
+    third = DKMPalettizer(_mlp(), own)
+    third_fp = next(fp for *_, fp in fake_palettizers(third.prepare(inplace=True)))
+    third.total_steps = 10
+    for _ in range(7):
+        third.step()
+    assert not third_fp.hard
 
 
 def test_hard_phase_trains_exactly_what_finalize_ships():
