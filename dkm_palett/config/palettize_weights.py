@@ -21,6 +21,7 @@ from dkm_palett.spec import (
     PerGroupedChannelGranularity,
     PerTensorGranularity,
     canonical_lut_dtype,
+    granularity_from,
 )
 from dkm_palett.validation import check_choice, check_int, check_type
 
@@ -111,9 +112,7 @@ class OpPalettizerConfig(ConfigIO):
         if bits is None:
             raise ValueError("mode='unique' picks nbits from the data; pass n_bits to to_spec().")
         axis = 0 if self.channel_axis is None else self.channel_axis
-        granularity: Any = PerTensorGranularity()
-        if self.granularity == "per_grouped_channel":
-            granularity = PerGroupedChannelGranularity(axis=axis, group_size=self.group_size)
+        granularity = granularity_from(self.granularity, group_size=self.group_size, axis=axis)
         return PalettizationSpec(n_bits=bits, granularity=granularity, cluster_dim=self.cluster_dim,
                                  lut_dtype=self.lut_dtype, enable_per_channel_scale=self.enable_per_channel_scale,
                                  channel_axis=axis)

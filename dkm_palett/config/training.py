@@ -12,14 +12,7 @@ from torch.nn.utils import parametrize
 from dkm_palett.config.base import ConfigIO, ModelConfig, coerce_entry, coerce_model_config
 from dkm_palett.module_support import is_supported, supported_params
 from dkm_palett.plan import PlannedWeight, full_name
-from dkm_palett.spec import (
-    ALLOWED_N_BITS,
-    GRANULARITIES,
-    PalettizationSpec,
-    PerGroupedChannelGranularity,
-    PerTensorGranularity,
-    canonical_lut_dtype,
-)
+from dkm_palett.spec import ALLOWED_N_BITS, GRANULARITIES, PalettizationSpec, canonical_lut_dtype, granularity_from
 from dkm_palett.validation import check_choice, check_int, check_number, check_type
 
 KMEANS_INITS = ("auto", "cpu.kmeans++", "kmeans++", "kmeans_pp", "efficient_kmeans", "opt1d", "uniform")
@@ -175,15 +168,14 @@ class ModuleDKMPalettizerConfig(ConfigIO):
                 raise ValueError(f"{name}: cluster_permute={self.cluster_permute} has {len(self.cluster_permute)} "
                                  f"entries but the weight has {len(shape)} dimensions (shape {shape}).")
             axis = self.cluster_permute[0]
-        granularity: Any = PerTensorGranularity()
-        if self.granularity == "per_grouped_channel":
-            granularity = PerGroupedChannelGranularity(axis=axis, group_size=self.group_size or 16)
-        elif self.partition_size < weight.numel():
+        granularity = granularity_from(self.granularity, group_size=self.group_size, axis=axis)
+        if self.granularity == "per_tensor" and self.partition_size < weight.numel():
             per_channel = weight.numel() // shape[axis]
             if self.partition_size % per_channel:
                 raise ValueError(f"{name}: partition_size={self.partition_size} must be a multiple of the "
                                  f"{per_channel} elements per channel (shape {shape}).")
-            granularity = PerGroupedChannelGranularity(axis=axis, group_size=self.partition_size // per_channel)
+            granularity = granularity_from("per_grouped_channel", group_size=self.partition_size // per_channel,
+                                           axis=axis)
         spec = PalettizationSpec(
             n_bits=self.n_bits_for(module), granularity=granularity, cluster_dim=self.cluster_dim or 1,
             lut_dtype=self.lut_dtype, enable_per_channel_scale=self.enable_per_channel_scale, channel_axis=axis,
