@@ -7,10 +7,12 @@ the per-centroid sums it needs, so no ``N x K`` tensor is ever built and nothing
 and backward (the backward recomputes the attention from the weight). The forward makes ``T + 1`` passes (``T``
 iterations, then the output table); the backward ``T + 1``.
 
-Exactness: the logits are computed with the reference's operations in the same order (no fused multiply-add), the
-exponential is a float32 Cody-Waite/Taylor evaluation within 2 ulp of ``exp`` (vectorisable, unlike libm's), and the
-per-centroid sums add float32 block partials in float64. Work is split into fixed chunks of ``CHUNK`` points whose
-partial sums are added in a fixed order, so results do not depend on the thread count.
+Exactness: float32 throughout, within float32 rounding of the reference (tests/test_dkm_engines.py pins it against
+the float64 reference). The softmax is shifted by the nearest centroid's squared distance and evaluated in base 2
+(``2^t`` by exponent bits and a degree-7 polynomial, within 2 ulp, vectorisable, unlike libm's ``exp``); fused
+multiply-add is allowed (``fastmath={"contract"}``), nothing else that reorders float math. The per-centroid sums add
+float32 per-lane partials in float64. Work is split into fixed chunks of ``CHUNK`` points whose partial sums are added
+in a fixed order, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from numba.extending import intrinsic
 
 from dkm_palett.dkm_math import DKMParams, finish_update, quantized, update_backward
 
-BLOCK = 256  # points per block: the (K, BLOCK) attention block stays in L1/L2
+BLOCK = 512  # points per block (the (K, BLOCK) rows stay in L2; 512 measured faster than 128-256: fewer loop set-ups)
 CHUNK = 64 * BLOCK  # points per work item (fixed, so the summation order is fixed)
 
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)  # ln 2 split in two so n * ln2 is exact to float32 (Cody-Waite)
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN = np.float32(-87.0)  # below this exp() is under 2^-125; returned as 0 (the reference's ~1e-38 terms)
+_LOG2E = 1.4426950408889634
+# Softmax terms under 2^-64 of the largest (which is 1) are 0: far below float32 rounding of their sum, and it keeps
+# denormal numbers (which cost a slow microcode assist per operation on x86) out of the products that use them.
+_EXP2_MIN = np.float32(-64.0)
+# 2^f = e^(f ln2) for |f| <= 1/2: Taylor coefficients (ln 2)^j / j!, degree 7 (truncation under 6e-9 relative)
+_P = tuple(np.float32(0.6931471805599453 ** j / np.prod(np.arange(1, j + 1, dtype=np.float64))) for j in range(8))
+# The kernels allow fused multiply-add (more accurate, not less) and nothing else that reorders float math.
+_FAST = {"contract"}
 
 
 @intrinsic
@@ -43,52 +49,71 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-@numba.njit(inline="always")
-def _exp_nonpos(v):
-    """``exp(v)`` for float32 ``v <= 0``: ``2^n * e^f`` with ``|f| <= ln2 / 2`` and a degree-7 Taylor polynomial
-    (truncation under 2e-9 relative)."""
-    vc = max(v, _EXP_MIN)
-    n = np.floor(vc * _LOG2E + np.float32(0.5))
-    f = vc - n * _LN2_HI
-    f = f - n * _LN2_LO
-    p = np.float32(1 / 5040)
-    p = p * f + np.float32(1 / 720)
-    p = p * f + np.float32(1 / 120)
-    p = p * f + np.float32(1 / 24)
-    p = p * f + np.float32(1 / 6)
-    p = p * f + np.float32(0.5)
-    p = p * f + np.float32(1.0)
-    p = p * f + np.float32(1.0)
-    scale = _f32_from_bits(np.int32(n) * np.int32(1 << 23) + np.int32(127 << 23))
-    return p * scale if v >= _EXP_MIN else np.float32(0.0)
+@numba.njit(inline="always", fastmath=_FAST)
+def _exp2_nonpos(t):
+    """``2^t`` for float32 ``t <= 0`` (slightly positive rounding noise allowed): ``2^n * 2^f`` with ``|f| <= 1/2``,
+    ``f = t - n`` exact, and a degree-7 polynomial; 0 below ``_EXP2_MIN``."""
+    tc = t if t > _EXP2_MIN else _EXP2_MIN
+    n = np.floor(tc + np.float32(0.5))
+    f = tc - n
+    p = _P[7]
+    p = p * f + _P[6]
+    p = p * f + _P[5]
+    p = p * f + _P[4]
+    p = p * f + _P[3]
+    p = p * f + _P[2]
+    p = p * f + _P[1]
+    p = p * f + _P[0]
+    e = p * _f32_from_bits(np.int32(n) * np.int32(1 << 23) + np.int32(127 << 23))
+    return e if t > _EXP2_MIN else np.float32(0.0)
 
 
-@numba.njit(inline="always")
-def _attention(xs, n, c, tau, lam, a, r, m, tot):
-    """Softmax attention ``a[k, :n]`` of the points ``xs`` to the centroids ``c (K,)``; with palett_lambda also the
-    robust weights ``r[k, :n] = 1 / (1 - lam * logit)``. ``m``, ``tot`` are scratch rows."""
+@numba.njit(inline="always", fastmath=_FAST)
+def _nearest(xs, n, c, m):
+    """``m[:n]``: each point's squared distance to its nearest centroid (the softmax's shift)."""
     for i in range(n):
-        m[i] = -np.inf
+        m[i] = np.inf
+    for k in range(c.shape[0]):
+        ck = c[k]
+        for i in range(n):
+            d = xs[i] - ck
+            q = d * d
+            m[i] = q if q < m[i] else m[i]  # a select, which vectorises (min() on floats does not)
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _terms(xs, n, c, tau, lam, a, r, m, tot):
+    """Unnormalised softmax terms ``a[k, :n]`` of the points ``xs`` to the centroids ``c (K,)`` and ``tot[:n]`` = one
+    over their sum; with palett_lambda also the robust weights ``r[k, :n] = 1 / (1 + lam * d / tau)``.
+
+    ``softmax(-d / tau)`` with ``d = (x - c_k)^2`` is evaluated as ``2^((d_min - d) log2(e) / tau)`` normalised:
+    the nearest centroid's distance is the softmax's shift, and the squared distances are recomputed rather than
+    stored (cheaper than a pass over memory)."""
+    s = np.float32(_LOG2E / tau)
+    _nearest(xs, n, c, m)
+    for i in range(n):
         tot[i] = 0
     for k in range(c.shape[0]):
         ck = c[k]
-        ak, rk = a[k], r[k]
-        for i in range(n):
-            d = xs[i] - ck
-            lg = -(d * d) / tau
-            ak[i] = lg
-            m[i] = max(m[i], lg)
-        if lam > 0:
-            for i in range(n):
-                rk[i] = np.float32(1.0) / (np.float32(1.0) - lam * ak[i])
-    for k in range(c.shape[0]):
         ak = a[k]
         for i in range(n):
-            e = _exp_nonpos(ak[i] - m[i])
+            d = xs[i] - ck
+            e = _exp2_nonpos((m[i] - d * d) * s)
             ak[i] = e
             tot[i] += e
+        if lam > 0:
+            rk = r[k]
+            for i in range(n):
+                d = xs[i] - ck
+                rk[i] = np.float32(1.0) / (np.float32(1.0) + lam * ((d * d) / tau))
     for i in range(n):
         tot[i] = np.float32(1.0) / tot[i]
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _attention(xs, n, c, tau, lam, a, r, m, tot):
+    """:func:`_terms`, normalised: ``a[k, :n]`` is the softmax attention."""
+    _terms(xs, n, c, tau, lam, a, r, m, tot)
     for k in range(c.shape[0]):
         ak = a[k]
         for i in range(n):
@@ -103,7 +128,7 @@ def _scratch(k):
 _scratch = numba.njit(inline="always")(_scratch)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _sums_kernel(x, c, tau, lam, s_out, z_out):
     """One k-means iteration's sums per work item: ``s[k] = sum_i w_ik x_i``, ``z[k] = sum_i w_ik`` with
     ``w = a`` (times ``r`` with palett_lambda). ``s_out``, ``z_out``: ``(G * items, K)`` float64."""
@@ -115,93 +140,110 @@ def _sums_kernel(x, c, tau, lam, s_out, z_out):
         a, r, m, tot = _scratch(k_n)
         acc_s = np.zeros((k_n, BLOCK), np.float32)
         acc_z = np.zeros((k_n, BLOCK), np.float32)
+        wx = np.empty(BLOCK, np.float32)
         for b0 in range(lo, min(n, lo + CHUNK), BLOCK):
             nb = min(BLOCK, n - b0)
             xs = x[g, b0:b0 + nb]
-            _attention(xs, nb, c[g], tau, lam, a, r, m, tot)
+            _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
+            for i in range(nb):
+                wx[i] = xs[i] * tot[i]
             for k in range(k_n):
                 ak, rk, sk, zk = a[k], r[k], acc_s[k], acc_z[k]
                 if lam > 0:
                     for i in range(nb):
-                        sk[i] += ak[i] * rk[i] * xs[i]
-                        zk[i] += ak[i] * rk[i]
+                        w = ak[i] * rk[i]
+                        sk[i] += w * wx[i]
+                        zk[i] += w * tot[i]
                 else:
                     for i in range(nb):
-                        sk[i] += ak[i] * xs[i]
-                        zk[i] += ak[i]
+                        sk[i] += ak[i] * wx[i]
+                        zk[i] += ak[i] * tot[i]
         for k in range(k_n):
             s_out[job, k] = acc_s[k].astype(np.float64).sum()
             z_out[job, k] = acc_z[k].astype(np.float64).sum()
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _table_kernel(x, c, cq, tau, out):
-    """The output ``out[g, i] = sum_k a(x_i; c)_k cq_k``."""
+    """The output ``out[g, i] = sum_k a(x_i; c)_k cq_k`` (the softmax terms summed as they are made, then
+    normalised: no attention rows)."""
     groups, n = x.shape
     k_n = c.shape[1]
     items = (n + CHUNK - 1) // CHUNK
+    s = np.float32(_LOG2E / tau)
     for job in numba.prange(groups * items):
         g, lo = job // items, (job % items) * CHUNK
-        a, r, m, tot = _scratch(k_n)
+        m, tot, acc = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
         for b0 in range(lo, min(n, lo + CHUNK), BLOCK):
             nb = min(BLOCK, n - b0)
-            _attention(x[g, b0:b0 + nb], nb, c[g], tau, np.float32(0.0), a, r, m, tot)
-            o = out[g, b0:b0 + nb]
-            o[:] = 0
+            xs = x[g, b0:b0 + nb]
+            _nearest(xs, nb, c[g], m)
+            tot[:nb] = 0
+            acc[:nb] = 0
             for k in range(k_n):
-                ak, q = a[k], cq[g, k]
+                ck, q = c[g, k], cq[g, k]
                 for i in range(nb):
-                    o[i] += ak[i] * q
+                    d = xs[i] - ck
+                    e = _exp2_nonpos((m[i] - d * d) * s)
+                    tot[i] += e
+                    acc[i] += e * q
+            o = out[g, b0:b0 + nb]
+            for i in range(nb):
+                o[i] = acc[i] / tot[i]
 
 
-@numba.njit(inline="always")
-def _grad_attention(a, r, ys, nb, alpha, beta, gs, lam, table, g_a, dot, g_direct, acc_a):
-    """One block of the backward, step 1: ``g_a[k] = dL/dw_k = alpha_k + beta_k y`` (times ``r_k`` with
-    palett_lambda) and ``dot = sum_k a_k g_a[k]``; adds ``x``'s direct share ``sum_k w_k gs_k`` (iterations) into
-    ``g_direct`` and ``a_k y`` (the table: the LUT's gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the
-    group's rows."""
+@numba.njit(inline="always", fastmath=_FAST)
+def _grad_attention(a, r, tot, ys, nb, alpha, beta, gs, lam, table, dot, g_direct, acc_a):
+    """One block of the backward, step 1, from the unnormalised terms ``a`` and ``tot`` = one over their sum:
+    ``dot = sum_k w_k dL/dw_k`` with ``dL/dw_k = alpha_k + beta_k y`` (times ``r_k`` with palett_lambda); adds
+    ``x``'s direct share ``sum_k w_k gs_k`` (iterations) into ``g_direct`` and ``w_k y`` (the table: the LUT's
+    gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the group's rows."""
     dot[:nb] = 0
     g_direct[:nb] = 0
     for k in range(a.shape[0]):
-        ak, rk, gak, acca = a[k], r[k], g_a[k], acc_a[k]
+        ak, rk, acca = a[k], r[k], acc_a[k]
         al, be, gsk = alpha[k], beta[k], gs[k]
-        for i in range(nb):
-            gak[i] = al + be * ys[i]
         if lam > 0:
             for i in range(nb):
-                g_direct[i] += ak[i] * rk[i] * gsk
-                gak[i] *= rk[i]
-        elif not table:
+                w = ak[i] * tot[i]
+                g_direct[i] += w * rk[i] * gsk
+                dot[i] += w * (al + be * ys[i]) * rk[i]
+        elif table:
             for i in range(nb):
-                g_direct[i] += ak[i] * gsk
-        if table:
+                w = ak[i] * tot[i]
+                acca[i] += w * ys[i]
+                dot[i] += w * (al + be * ys[i])
+        else:
             for i in range(nb):
-                acca[i] += ak[i] * ys[i]
-        for i in range(nb):
-            dot[i] += ak[i] * gak[i]
+                w = ak[i] * tot[i]
+                g_direct[i] += w * gsk
+                dot[i] += w * (al + be * ys[i])
 
 
-@numba.njit(inline="always")
-def _grad_logits(a, r, xs, ys, nb, c, alpha, beta, lam, g_a, dot, g_dist, acc_c):
-    """One block of the backward, step 2: the logits' gradient ``G_k = a_k (g_a[k] - dot)`` (plus palett_lambda's
-    term) in place of ``g_a``, and ``G_k (x - c_k)`` summed over k into ``g_dist`` and per centroid into
-    ``acc_c``. ``c``/``alpha``/``beta``: the group's rows."""
+@numba.njit(inline="always", fastmath=_FAST)
+def _grad_logits(a, r, tot, xs, ys, nb, c, alpha, beta, lam, dot, g_dist, acc_c):
+    """One block of the backward, step 2: the logits' gradient ``G_k = w_k (dL/dw_k - dot)`` (plus palett_lambda's
+    term), recomputed per centroid rather than kept, and ``G_k (x - c_k)`` summed over k into ``g_dist`` and per
+    centroid into ``acc_c``. ``c``/``alpha``/``beta``: the group's rows."""
     g_dist[:nb] = 0
     for k in range(a.shape[0]):
-        ak, rk, gak, ck, accc = a[k], r[k], g_a[k], c[k], acc_c[k]
+        ak, rk, ck, accc = a[k], r[k], c[k], acc_c[k]
         al, be = alpha[k], beta[k]
-        for i in range(nb):
-            gak[i] = ak[i] * (gak[i] - dot[i])
         if lam > 0:
             for i in range(nb):
-                gak[i] += lam * ak[i] * rk[i] * rk[i] * (al + be * ys[i])
-        for i in range(nb):
-            gl_diff = gak[i] * (xs[i] - ck)
-            g_dist[i] += gl_diff
-            accc[i] += gl_diff
+                w, gw = ak[i] * tot[i], al + be * ys[i]
+                gl = w * (gw * rk[i] - dot[i]) + lam * w * rk[i] * rk[i] * gw
+                gl_diff = gl * (xs[i] - ck)
+                g_dist[i] += gl_diff
+                accc[i] += gl_diff
+        else:
+            for i in range(nb):
+                gl_diff = ak[i] * tot[i] * ((al + be * ys[i]) - dot[i]) * (xs[i] - ck)
+                g_dist[i] += gl_diff
+                accc[i] += gl_diff
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_out):
     """Backward of one pass through the attention ``a(x; c)`` (times ``r`` with palett_lambda), for an upstream
     gradient on the weights ``dL/dw[i, k] = alpha_k + beta_k y_i``:
@@ -219,7 +261,6 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_o
     for job in numba.prange(groups * items):
         g, lo = job // items, (job % items) * CHUNK
         a, r, m, tot = _scratch(k_n)
-        g_a = np.empty((k_n, BLOCK), np.float32)
         dot = np.empty(BLOCK, np.float32)
         g_direct = np.empty(BLOCK, np.float32)
         g_dist = np.empty(BLOCK, np.float32)
@@ -228,9 +269,9 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_o
         for b0 in range(lo, min(n, lo + CHUNK), BLOCK):
             nb = min(BLOCK, n - b0)
             xs, ys = x[g, b0:b0 + nb], y[g, b0:b0 + nb]
-            _attention(xs, nb, c[g], tau, lam, a, r, m, tot)
-            _grad_attention(a, r, ys, nb, alpha[g], beta[g], gs[g], lam, table, g_a, dot, g_direct, acc_a)
-            _grad_logits(a, r, xs, ys, nb, c[g], alpha[g], beta[g], lam, g_a, dot, g_dist, acc_c)
+            _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
+            _grad_attention(a, r, tot, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct, acc_a)
+            _grad_logits(a, r, tot, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
             out = gx[g, b0:b0 + nb]
             for i in range(nb):
                 out[i] += g_direct[i] - (np.float32(2.0) / tau) * g_dist[i]
@@ -252,6 +293,19 @@ def fused_threads() -> int:
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     return threads
+
+
+def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMParams) -> torch.Tensor:
+    """DKM's output ``A(x; c_prev) @ cq`` for ``x (G, N, 1)`` float32 (no autograd): one pass over the weights.
+
+    :class:`FusedDKM` makes its output with this, from its last iteration's centroids ``c_prev (G, K)`` and the
+    (quantized) final ones ``cq (G, K)``, so calling it again with its ``table_inputs`` rebuilds the output
+    bit-identically at a quarter of a ``kmeans_max_iter=3`` forward's cost (recompute.py)."""
+    fused_threads()
+    out = torch.empty(x.shape[:2], dtype=torch.float32)
+    _table_kernel(x[..., 0].contiguous().numpy(), c_prev.contiguous().numpy(), cq.contiguous().numpy(),
+                  np.float32(p.tau), out.numpy())
+    return out.unsqueeze(-1)
 
 
 class FusedDKM(torch.autograd.Function):
@@ -277,13 +331,14 @@ class FusedDKM(torch.autograd.Function):
             if (c_new - cs[-2]).abs().max().item() < p.epsilon:
                 break
         cq = quantized(cs[-1].unsqueeze(-1), p)[..., 0].contiguous()
-        out = torch.empty_like(x.detach()[..., 0])
-        _table_kernel(xs, cs[-2].numpy(), cq.numpy(), tau, out.numpy())
+        out = fused_table(x.detach(), cs[-2], cq, p)
         ctx.save_for_backward(x)
         ctx.state = (cs, sums, cq, p)
+        #: what :func:`fused_table` needs to rebuild ``out`` (recompute in backward): ``K`` numbers per LUT
+        ctx.table_inputs = (cs[-2], cq)
         c = cs[-1].unsqueeze(-1)
         ctx.mark_non_differentiable(c)
-        return out.unsqueeze(-1), c
+        return out, c
 
     @staticmethod
     def backward(ctx, g_out, _g_c):
