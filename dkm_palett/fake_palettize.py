@@ -283,7 +283,8 @@ class FakePalettize(nn.Module):
             self.last_error.fill_(_rms_difference(out, x))
         result = self._finish_output(out, scale, weight.dtype)
         if self.recompute and torch.is_grad_enabled() and result.requires_grad:
-            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice))
+            table = getattr(out.grad_fn, "table_inputs", None)  # fused: rebuild from the last centroids only
+            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice, table))
         return result
 
     def _snap(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,11 +320,18 @@ class FakePalettize(nn.Module):
             return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows)
         return DenseDKM.apply(x, c0, p, rows, budget)
 
-    def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, choice) -> torch.Tensor:
+    def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, choice,
+                table=None) -> torch.Tensor:
         """The training output of :meth:`_palettize` again, from the same weight and centroids (no updates): the
-        saved-tensor hooks of :mod:`dkm_palett.recompute` call it in backward instead of keeping the output."""
+        saved-tensor hooks of :mod:`dkm_palett.recompute` call it in backward instead of keeping the output. With
+        the fused engine's ``table_inputs`` only the output pass runs again (not the k-means iterations)."""
         x, scale = self._prepare_input(weight.detach())
-        out, _ = self._dkm(x, c0, p, rows, 0.0, choice, weight)
+        if table is not None:
+            from dkm_palett.dkm_fused import fused_table
+
+            out = fused_table(x, *table, p)
+        else:
+            out, _ = self._dkm(x, c0, p, rows, 0.0, choice, weight)
         return self._finish_output(out, scale, weight.dtype)
 
     # ------------------------------------------------------------------------------------ finalize

@@ -61,7 +61,8 @@ def _layers(model):
 
 CONFIGS = {
     "binned": dict(n_bits=2, weight_threshold=0, dkm_impl="binned", dkm_bins=64),
-    "dense": dict(n_bits=2, weight_threshold=0, dkm_impl="dense"),
+    "dense": dict(n_bits=2, weight_threshold=0, dkm_impl="dense"),  # exact: the fused kernels on CPU
+    "fused-4bit-lambda": dict(n_bits=4, weight_threshold=0, palett_lambda=0.3, enforce_zero=True),
     "scaled-grouped": dict(n_bits=2, weight_threshold=0, enable_per_channel_scale=True,
                            granularity="per_grouped_channel", group_size=16),
     "vector-gsm": dict(n_bits=2, weight_threshold=0, cluster_dim=2, palett_mode="gsm"),
@@ -83,6 +84,28 @@ def test_recomputed_weight_is_bit_identical_to_stored(name):
             assert torch.equal(grads_r[key], grads_s[key]), key
     for (n, _, _, fp_r), (_, _, _, fp_s) in zip(_layers(model_r), _layers(model_s)):
         assert torch.equal(fp_r.centroids, fp_s.centroids), n
+
+
+def test_fused_recompute_runs_only_the_output_pass(monkeypatch):
+    """The fused engine's replay rebuilds W_p from the forward's last centroids: one output pass per replayed
+    layer, no k-means iteration again (test_recomputed_weight_is_bit_identical_to_stored checks the values)."""
+    from dkm_palett import dkm_fused
+
+    counts = {}
+    for name in ("_sums_kernel", "_table_kernel"):
+        kernel = getattr(dkm_fused, name)
+        monkeypatch.setattr(dkm_fused, name, lambda *a, _k=kernel, _n=name: counts.__setitem__(
+            _n, counts.get(_n, 0) + 1) or _k(*a))
+    per_mode = {}
+    for recompute_on in (True, False):
+        counts.clear()
+        calls: list = []
+        _train(CONFIGS["dense"], recompute_on, steps=2, calls=calls if recompute_on else None)
+        per_mode[recompute_on] = (dict(counts), len(calls))
+    (on, replays), (off, _) = per_mode[True], per_mode[False]
+    assert replays == 2 * 5
+    assert on["_sums_kernel"] == off["_sums_kernel"]
+    assert on["_table_kernel"] == off["_table_kernel"] + replays
 
 
 def test_stored_path_keeps_one_weight_copy_per_layer_and_recompute_keeps_none(monkeypatch):
