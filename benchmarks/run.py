@@ -121,25 +121,34 @@ def load_cells(path) -> dict:
         return {row["cell"]: row["result"] for row in map(json.loads, f) if row}
 
 
+BUSY_LOOP = "while True:\n    pass"  # the busy-machine cells: another process keeping one core busy
+
+
 def run_case(spec: dict) -> dict:
     t0 = time.perf_counter()
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if spec.get("busy") else None
     try:
-        out = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=spec.get("timeout", TIMEOUT_S),
-            env={**os.environ, "TQDM_DISABLE": "1"},
-        )
-    except subprocess.TimeoutExpired:
-        res = {"error": f"timeout >{spec.get('timeout', TIMEOUT_S)} s"}
-    else:
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode == 0 and lines:
-            res = json.loads(lines[-1][7:])
+        try:
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                timeout=spec.get("timeout", TIMEOUT_S),
+                env={**os.environ, "TQDM_DISABLE": "1"},
+            )
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timeout >{spec.get('timeout', TIMEOUT_S)} s"}
         else:
-            tail = (out.stderr.strip().splitlines() or ["?"])[-1]
-            res = {"error": f"rc={out.returncode}: {tail[:150]}"}
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode == 0 and lines:
+                res = json.loads(lines[-1][7:])
+            else:
+                tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+                res = {"error": f"rc={out.returncode}: {tail[:150]}"}
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     res["wall_s"] = time.perf_counter() - t0
     print(f"  {spec} -> {res}", file=sys.stderr, flush=True)
     return {**spec, **res}
@@ -304,6 +313,21 @@ def main():
         "| ct step (exact) | ct / ours | ours CPU | ct CPU | ct / ours CPU | ours first step | ct first step "
         "| ours extra peak | ct extra peak |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+    busy = [plain(1024), ours(1024), get(("plain-busy", 1024), impl="plain", d=1024, dtype="float32", busy=True),
+            get(("ours-busy", 1024), impl="ours", d=1024, bits=4, cd=1, dtype="float32", extra={}, busy=True)]
+    idle_ratio, busy_ratio = (fr(val(p, "step_s"), val(o, "step_s")) for p, o in (busy[:2], busy[2:]))
+    both = [val(c, "step_s") for c in busy]
+    growth = (f"{(both[3] / both[2]) / (both[1] / both[0]):.2f}x" if all(v is not None for v in both) else "—")
+    sections.append(
+        "## A busy machine (d=1024, 1M weights, 4-bit)\n\n"
+        "The same cells while another process keeps one core busy (`python -c 'while True: pass'`, started before "
+        "the cell's process and killed after it). Target (#10): the DKM / plain ratio busy is at most 2x the idle "
+        "one.\n\n"
+        "| | plain step | ours step | ours / plain |\n|---|---|---|---|\n"
+        f"| idle | {cell(busy[0], 'step_s', fs)} | {cell(busy[1], 'step_s', fs)} | {idle_ratio} |\n"
+        f"| one core busy | {cell(busy[2], 'step_s', fs)} | {cell(busy[3], 'step_s', fs)} | {busy_ratio} |\n\n"
+        f"Busy ratio / idle ratio: **{growth}**.")
 
     scaling = []
     if not args.quick:
