@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import zlib
-from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -14,10 +13,10 @@ from torch import nn
 from dkm_palett import kmeans as km
 from dkm_palett import recompute
 from dkm_palett.kmeans.histogram import histogram_points
-from dkm_palett.budget import MemoryBudget, available_memory_bytes  # noqa: F401 (public here)
-from dkm_palett.config.training import ModuleDKMPalettizerConfig
+from dkm_palett.budget import MemoryBudget
 from dkm_palett.dkm_binned import BinnedDKM, grid_points
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
+from dkm_palett.layer_settings import DKMLayerSettings
 from dkm_palett.lut import (
     PalettizedTensor,
     broadcast_scale,
@@ -37,42 +36,6 @@ MAX_GRID_ENTRIES = 1 << 24  # binned DKM: at most this many grid points over all
 FUSED_MAX_CLUSTERS = 17  # auto: exact fused kernels up to 4 bits (+ an extra centroid); measured in benchmarks/
 _INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weighted) points per LUT
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DKMLayerSettings:
-    """What one DKM layer reads, fixed when the model is prepared: the DKM fields of the user's
-    :class:`~dkm_palett.config.training.ModuleDKMPalettizerConfig` (same names and meanings), kept apart from the
-    user config as torchao keeps its config apart from its fake quantizer. The layout fields (bits,
-    granularity, cluster_dim, LUT dtype, scale) are in the layer's :class:`~dkm_palett.spec.PalettizationSpec`."""
-
-    milestone: int = 0
-    palett_mode: str = "dkm"
-    palett_tau: float = 1e-4
-    palett_epsilon: float = 1e-4
-    palett_lambda: float = 0.0
-    kmeans_max_iter: int = 3
-    kmeans_init: str = "auto"
-    kmeans_opt1d_threshold: int = 1024
-    palett_max_mem: float = 1.0
-    palett_cluster_tol: float = 0.0
-    dkm_impl: str = "auto"
-    dkm_bins: int = 65536
-    add_extra_centroid: bool = False
-    enforce_zero: bool = False
-    prune_threshold: float = 0.0
-    quant_min: int = -128
-    quant_max: int = 127
-    total_steps: Optional[int] = None
-    hard_fraction: float = 0.0
-    finalize_lut: str = "mean"
-
-    @classmethod
-    def from_config(cls, config: ModuleDKMPalettizerConfig) -> "DKMLayerSettings":
-        """The settings of a validated module config."""
-        if not isinstance(config, ModuleDKMPalettizerConfig):
-            raise TypeError(f"config must be a ModuleDKMPalettizerConfig, got {type(config).__name__}.")
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 class FakePalettize(nn.Module):

@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 from dkm_palett import recompute, schedule
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
-from dkm_palett.fake_palettize import DKMLayerSettings, FakePalettize
+from dkm_palett.fake_palettize import FakePalettize
+from dkm_palett.layer_settings import DKMLayerSettings
 from dkm_palett.lut import PalettizedTensor
 from dkm_palett.module_support import is_supported
 from dkm_palett.palettized_weight import attach, make_dense, palettized_tensors

@@ -12,7 +12,7 @@ from torch import nn
 
 from dkm_palett import (DKMPalettizer, DKMPalettizerConfig, FakePalettize, ModuleDKMPalettizerConfig,
                         OpPalettizerConfig, OptimizationConfig, palettize_weights)
-from dkm_palett.fake_palettize import DKMLayerSettings
+from dkm_palett.layer_settings import DKMLayerSettings
 from dkm_palett.palettized_weight import PalettizedWeight, make_dense, palettized_tensors, records_of
 from dkm_palett.spec import PalettizationSpec
 
@@ -161,10 +161,12 @@ def test_layer_reads_frozen_settings_built_at_prepare():
         FakePalettize(PalettizationSpec(n_bits=2), cfg, (8, 8))
 
 
-def test_settings_fields_are_config_fields_with_the_same_defaults():
+def test_settings_fields_are_config_fields_and_take_the_configs_defaults():
     defaults = ModuleDKMPalettizerConfig()
+    settings = DKMLayerSettings.from_config(defaults)
     for field in dataclasses.fields(DKMLayerSettings):
-        assert getattr(defaults, field.name) == field.default, field.name
+        assert field.default is dataclasses.MISSING, f"{field.name}: the config holds the defaults, not the settings"
+        assert getattr(settings, field.name) == getattr(defaults, field.name), field.name
     with pytest.raises(TypeError, match="ModuleDKMPalettizerConfig"):
         DKMLayerSettings.from_config({"n_bits": 2})
 
