@@ -79,19 +79,23 @@ def _CharTransformer(*args, **kwargs):
     return _char_transformer_class()(*args, **kwargs)
 
 
+def _train_step(opt, loss, palettizer=None) -> None:
+    """One optimizer step on ``loss``; the palettizer (ours or coremltools') counts it, as in a user's loop."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if palettizer is not None:
+        palettizer.step()
+
+
 class CharLM:
     name, float_steps, dkm_steps = "charlm", 600, 200
 
     def __init__(self):
-        from dkm_palett.recipes.data.charlm import encode, load_text
+        from dkm_palett.recipes.data.charlm import encode, load_text, split_ids, window_batch
 
-        ids = encode(load_text())
-        split = int(len(ids) * 0.9)
-        self.train = ids[:split]
-        val = ids[split:split + 16384]  # the charlm recipe's validation text
-        starts = torch.arange(0, len(val) - SEQ - 1, SEQ)
-        self.val_x = val[starts[:, None] + torch.arange(SEQ)]
-        self.val_y = val[starts[:, None] + 1 + torch.arange(SEQ)]
+        self.train, val = split_ids(encode(load_text()))  # the charlm recipe's split and validation text
+        self.val_x, self.val_y = window_batch(val, SEQ)
 
     def model(self, seed: int):
         from dkm_palett.recipes.data.charlm import VOCAB_SIZE
@@ -109,11 +113,7 @@ class CharLM:
             window = starts[:, None] + torch.arange(SEQ)
             logits = model(self.train[window])
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.train[window + 1].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if palettizer is not None:
-                palettizer.step()
+            _train_step(opt, loss, palettizer)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -147,12 +147,7 @@ class Mnist:
         for epoch in range(epochs):
             order = self.train[torch.randperm(4000, generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
             for batch in order.split(64):
-                loss = F.cross_entropy(model(self.x[batch]), self.y[batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if palettizer is not None:
-                    palettizer.step()
+                _train_step(opt, F.cross_entropy(model(self.x[batch]), self.y[batch]), palettizer)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:

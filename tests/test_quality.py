@@ -183,15 +183,10 @@ _SEQ = 64
 
 class _CharLM:
     def __init__(self):
-        from dkm_palett.recipes.data.charlm import encode, load_text
+        from dkm_palett.recipes.data.charlm import encode, load_text, split_ids, window_batch
 
-        ids = encode(load_text())
-        split = int(len(ids) * 0.9)
-        self.train = ids[:split]
-        val = ids[split:split + 16384]  # the charlm recipe's validation text
-        starts = torch.arange(0, len(val) - _SEQ - 1, _SEQ)
-        self.val_x = val[starts[:, None] + torch.arange(_SEQ)]
-        self.val_y = val[starts[:, None] + 1 + torch.arange(_SEQ)]
+        self.train, val = split_ids(encode(load_text()))  # the charlm recipe's split and validation text
+        self.val_x, self.val_y = window_batch(val, _SEQ)
 
     def fit(self, model, steps, seed, palettizer=None):
         """AdamW (the recipe's lr 3e-3, weight decay 0.01) on random 64-character windows, batch 32."""

@@ -30,6 +30,19 @@ def decode(ids) -> str:
     return "".join(ALPHABET[i - 1] if 0 < i <= len(ALPHABET) else "?" for i in ids)
 
 
+def split_ids(ids: torch.Tensor, val_fraction: float = 0.1, val_chars: int | None = 16384):
+    """The recipe's split: the first ``1 - val_fraction`` of the ids to train on, at most ``val_chars`` of the rest
+    to validate on."""
+    split = int(len(ids) * (1 - val_fraction))
+    return ids[:split], (ids[split:] if val_chars is None else ids[split:split + val_chars])
+
+
+def window_batch(ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``_Windows(ids, seq_len)`` stacked: inputs and next-character targets, each ``(count, seq_len)``."""
+    offsets = torch.arange((len(ids) - 1) // seq_len)[:, None] * seq_len + torch.arange(seq_len)
+    return ids[offsets], ids[offsets + 1]
+
+
 class _Windows(Dataset):
     """Non-overlapping windows: input ``ids[s:s+L]``, target ``ids[s+1:s+L+1]``."""
 
@@ -66,10 +79,8 @@ class CharLMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        ids = encode(load_text())
-        split = int(len(ids) * (1 - self.val_fraction))
-        val = ids[split:] if self.val_chars is None else ids[split:split + self.val_chars]
-        self.train_set = _Windows(ids[:split], self.seq_len)
+        train, val = split_ids(encode(load_text()), self.val_fraction, self.val_chars)
+        self.train_set = _Windows(train, self.seq_len)
         self.val_set = _Windows(val, self.seq_len)
 
     def train_dataloader(self) -> DataLoader:
