@@ -41,3 +41,13 @@ def test_readme_python_block_runs(index, tmp_path):
             "model.mlpackage", "model.report.json", "model.safetensors"]
     if index == 2:
         assert proc.stdout.strip().splitlines()[-1] == "True True"
+
+
+def test_readme_accuracy_rows_are_rows_of_the_committed_table():
+    """The accuracy table in the README quotes benchmarks/results/quality.md; every row must be one of its rows."""
+    readme = README.read_text(encoding="utf-8")
+    section = readme.split("## Accuracy against coremltools", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| charlm") or line.startswith("| mnist")]
+    committed = (README.parent / "benchmarks" / "results" / "quality.md").read_text(encoding="utf-8").splitlines()
+    assert len(rows) >= 10
+    assert [row for row in rows if row not in committed] == []
