@@ -424,6 +424,19 @@ def test_nan_weights_raise_naming_module():
         model(torch.randn(2, 32))
 
 
+def test_check_finite_fast_path_is_exact():
+    """The check sums the weight first (one scalar): an overflowing sum of finite values must not raise, and an
+    Inf of either sign, or a +Inf/-Inf pair whose sum is NaN, must."""
+    from dkm_palett.validation import check_finite
+
+    check_finite("w", torch.full((8,), 3e38))  # the sum overflows to Inf; every value is finite
+    for bad, count in (([float("inf")], 1), ([float("-inf")], 1), ([float("inf"), float("-inf")], 2)):
+        w = torch.zeros(8)
+        w[:len(bad)] = torch.tensor(bad)
+        with pytest.raises(ValueError, match=f"w holds {count} NaN/Inf"):
+            check_finite("w", w)
+
+
 def test_palett_max_mem_bounds_chunk_rows():
     from dkm_palett.dkm_math import chunk_rows
     assert chunk_rows(16, 1, 1e5) < chunk_rows(16, 1, 1e6) <= chunk_rows(16, 1, 1e8) == 16384
