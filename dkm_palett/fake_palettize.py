@@ -132,6 +132,8 @@ class FakePalettize(nn.Module):
             return exact, 0
         if self._exact_dtype(weight) is not None:
             return "binned", 0
+        if cfg.dkm_impl == "auto" and exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
+            return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
         bins = grid_points(x[..., 0], c0, cfg.palett_tau)
         if cfg.dkm_impl == "binned":
             cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
@@ -140,8 +142,6 @@ class FakePalettize(nn.Module):
                              "(the bound may not hold). dkm_impl='auto' or 'dense' runs exact DKM here.",
                              self.name, bins, cap)
             return "binned", min(bins, cap)
-        if exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
-            return exact, 0
         if bins <= min(cfg.dkm_bins, x.shape[1] // 4):
             return "binned", bins
         return exact, 0
