@@ -17,6 +17,8 @@ in a fixed order, so results do not depend on the thread count.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numba
 import numpy as np
 import torch
@@ -164,9 +166,10 @@ def _sums_kernel(x, c, tau, lam, s_out, z_out):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _table_kernel(x, c, cq, tau, out):
+def _table_kernel(x, c, cq, tau, out, sq_out):
     """The output ``out[g, i] = sum_k a(x_i; c)_k cq_k`` (the softmax terms summed as they are made, then
-    normalised: no attention rows)."""
+    normalised: no attention rows), and per work item ``sq_out[job] = sum_i (out_i - x_i)^2`` (the layer's RMS
+    clustering error, from values already in registers)."""
     groups, n = x.shape
     k_n = c.shape[1]
     items = (n + CHUNK - 1) // CHUNK
@@ -174,6 +177,7 @@ def _table_kernel(x, c, cq, tau, out):
     for job in numba.prange(groups * items):
         g, lo = job // items, (job % items) * CHUNK
         m, tot, acc = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+        sq = np.zeros(BLOCK, np.float32)
         for b0 in range(lo, min(n, lo + CHUNK), BLOCK):
             nb = min(BLOCK, n - b0)
             xs = x[g, b0:b0 + nb]
@@ -190,6 +194,9 @@ def _table_kernel(x, c, cq, tau, out):
             o = out[g, b0:b0 + nb]
             for i in range(nb):
                 o[i] = acc[i] / tot[i]
+                d = o[i] - xs[i]
+                sq[i] += d * d
+        sq_out[job] = sq.astype(np.float64).sum()
 
 
 @numba.njit(inline="always", fastmath=_FAST)
@@ -295,16 +302,21 @@ def fused_threads() -> int:
     return threads
 
 
-def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMParams) -> torch.Tensor:
+def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMParams,
+                sq_error: Optional[list] = None) -> torch.Tensor:
     """DKM's output ``A(x; c_prev) @ cq`` for ``x (G, N, 1)`` float32 (no autograd): one pass over the weights.
 
     :class:`FusedDKM` makes its output with this, from its last iteration's centroids ``c_prev (G, K)`` and the
     (quantized) final ones ``cq (G, K)``, so calling it again with its ``table_inputs`` rebuilds the output
-    bit-identically at a quarter of a ``kmeans_max_iter=3`` forward's cost (recompute.py)."""
+    bit-identically at a quarter of a ``kmeans_max_iter=3`` forward's cost (recompute.py). ``sq_error``: a list
+    that gets ``sum((out - x)^2)`` appended (float, summed in float64)."""
     fused_threads()
     out = torch.empty(x.shape[:2], dtype=torch.float32)
+    sq = np.empty(x.shape[0] * -(-x.shape[1] // CHUNK))
     _table_kernel(x[..., 0].contiguous().numpy(), c_prev.contiguous().numpy(), cq.contiguous().numpy(),
-                  np.float32(p.tau), out.numpy())
+                  np.float32(p.tau), out.numpy(), sq)
+    if sq_error is not None:
+        sq_error.append(float(sq.sum()))
     return out.unsqueeze(-1)
 
 
@@ -331,8 +343,11 @@ class FusedDKM(torch.autograd.Function):
             if (c_new - cs[-2]).abs().max().item() < p.epsilon:
                 break
         cq = quantized(cs[-1].unsqueeze(-1), p)[..., 0].contiguous()
-        out = fused_table(x.detach(), cs[-2], cq, p)
+        sq_error = []
+        out = fused_table(x.detach(), cs[-2], cq, p, sq_error)
         ctx.save_for_backward(x)
+        #: ``sum((out - x)^2)``, for the layer's ``last_error`` without another pass over the weights
+        ctx.sq_error = sq_error[0]
         ctx.state = (cs, sums, cq, p)
         #: what :func:`fused_table` needs to rebuild ``out`` (recompute in backward): ``K`` numbers per LUT
         ctx.table_inputs = (cs[-2], cq)

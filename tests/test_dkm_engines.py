@@ -58,6 +58,24 @@ def test_fused_matches_reference(groups, k, lam, zero, lut_dtype, max_iter):
         assert (c2[:, zero] == 0).all()
 
 
+
+def test_fused_output_pass_sums_the_squared_error_and_the_layer_reports_it():
+    """``last_error`` of a fused layer comes from the kernel's own sum, not another pass: it must equal the RMS of
+    ``DKM output - weight`` computed here in float64, with grouped LUTs and a size that is not a whole chunk."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 40000, 1) * 0.02
+    c0 = torch.sort(torch.randn(3, 8, 1) * 0.02, dim=1)[0]
+    out, _ = FusedDKM.apply(x.clone().requires_grad_(), c0, DKMParams(tau=1e-4, max_iter=2, epsilon=0.0))
+    assert out.grad_fn.sq_error == pytest.approx(((out.double() - x.double()) ** 2).sum().item(), rel=1e-6)
+    model = nn.Sequential(nn.Linear(300, 200))
+    cfg = ModuleDKMPalettizerConfig(n_bits=3, weight_threshold=100, granularity="per_grouped_channel", group_size=50)
+    DKMPalettizer(model, DKMPalettizerConfig(global_config=cfg)).prepare(inplace=True)
+    soft = model[0].weight  # the training forward's output (parametrized read)
+    layer = model[0].parametrizations.weight[0]
+    raw = model[0].parametrizations.weight.original
+    expected = ((soft.double() - raw.double()) ** 2).mean().sqrt().item()
+    assert layer.last_error.item() == pytest.approx(expected, rel=1e-5)
+
 def test_fused_stops_early_like_the_reference():
     torch.manual_seed(1)
     x = torch.randn(1, 5000, 1) * 0.02
