@@ -52,7 +52,9 @@ VARIANTS = {
     "ours-hard-0.5": ("ours", {"hard_fraction": 0.5}),
     "ours-hard-0.75": ("ours", {"hard_fraction": 0.75}),
     "ours-hard-1.0": ("ours", {"hard_fraction": 1.0}),
+    "ours-mixed-2.5": ("ours", {"average_bits": 2.5}),  # plan_bits over MIXED_BITS; the row's bits is unused
 }
+MIXED_BITS, PLAN_BATCHES = (2, 3, 4), 8
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -103,17 +105,20 @@ class CharLM:
         torch.manual_seed(seed)
         return _CharTransformer(VOCAB_SIZE, d_model=64, nhead=4, num_layers=2, dim_feedforward=128, max_len=SEQ)
 
-    def fit(self, model, seed: int, palettizer=None):
-        steps = self.float_steps if palettizer is None else self.dkm_steps
+    def batches(self, seed: int, palettizing: bool):
+        """The training batches ``(inputs, targets)`` of one run, in order."""
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-        model.train()
-        for _ in range(steps):
+        for _ in range(self.dkm_steps if palettizing else self.float_steps):
             starts = torch.randint(0, len(self.train) - SEQ - 1, (32,), generator=gen)
             window = starts[:, None] + torch.arange(SEQ)
-            logits = model(self.train[window])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.train[window + 1].reshape(-1))
-            _train_step(opt, loss, palettizer)
+            yield self.train[window], self.train[window + 1]
+
+    def fit(self, model, seed: int, palettizer=None):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        model.train()
+        for inputs, targets in self.batches(seed, palettizer is not None):
+            logits = model(inputs)
+            _train_step(opt, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), palettizer)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -140,14 +145,18 @@ class Mnist:
         torch.manual_seed(seed)
         return SmallCNN(in_channels=1, num_classes=10, channels=(16, 32, 32), hidden=128, input_size=28)
 
-    def fit(self, model, seed: int, palettizer=None):
-        epochs = self.float_epochs if palettizer is None else self.dkm_epochs
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        model.train()
-        for epoch in range(epochs):
+    def batches(self, seed: int, palettizing: bool):
+        """The training batches ``(inputs, targets)`` of one run, in order."""
+        for epoch in range(self.dkm_epochs if palettizing else self.float_epochs):
             order = self.train[torch.randperm(4000, generator=torch.Generator().manual_seed(seed * 1000 + epoch))]
             for batch in order.split(64):
-                _train_step(opt, F.cross_entropy(model(self.x[batch]), self.y[batch]), palettizer)
+                yield self.x[batch], self.y[batch]
+
+    def fit(self, model, seed: int, palettizer=None):
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        model.train()
+        for inputs, targets in self.batches(seed, palettizer is not None):
+            _train_step(opt, F.cross_entropy(model(inputs), targets), palettizer)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -162,13 +171,19 @@ TASKS = {"charlm": CharLM, "mnist": Mnist}
 # ----------------------------------------------------------------------------------------------- palettizers
 
 
-def make_palettizer(variant: str, model, bits: int, total_steps: int):
+def make_palettizer(variant: str, model, bits: int, task, seed: int):
     impl, extra = VARIANTS[variant]
     if impl == "ours":
-        from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
+        from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig, plan_bits
 
-        cfg = ModuleDKMPalettizerConfig(n_bits=bits, weight_threshold=THRESHOLD, total_steps=total_steps, **extra)
-        return DKMPalettizer(model, DKMPalettizerConfig(global_config=cfg))
+        extra = dict(extra)
+        average_bits = extra.pop("average_bits", None)
+        cfg = ModuleDKMPalettizerConfig(n_bits=bits, weight_threshold=THRESHOLD, total_steps=task.dkm_steps, **extra)
+        config = DKMPalettizerConfig(global_config=cfg)
+        if average_bits is not None:  # the sensitivities from the run's first training batches
+            config = plan_bits(model, task.batches(seed, True), average_bits, config=config, bits=MIXED_BITS,
+                               num_batches=PLAN_BATCHES, progress=False)
+        return DKMPalettizer(model, config)
     from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
 
     cfg = ModuleDKMPalettizerConfig(n_bits=bits, weight_threshold=THRESHOLD, **extra)
@@ -223,11 +238,19 @@ def reference_row(task, float_model, variant: str, bits: int, seed: int) -> dict
     return row
 
 
+def bits_per_weight(model) -> float:
+    """The finalized model's palettized storage (packed indices, LUTs, scales) per palettized weight."""
+    from dkm_palett import palettized_tensors
+
+    records = [record for *_, record in palettized_tensors(model)]
+    return sum(r.storage_bits() for r in records) / sum(r.numel for r in records)
+
+
 def run_one(task, float_model, variant: str, bits: int, seed: int) -> dict:
     if variant in ("float", "post-training"):
         return reference_row(task, float_model, variant, bits, seed)
     model = copy.deepcopy(float_model)
-    palettizer = make_palettizer(variant, model, bits, task.dkm_steps)
+    palettizer = make_palettizer(variant, model, bits, task, 100 + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = palettizer.prepare(inplace=True)
@@ -241,12 +264,35 @@ def run_one(task, float_model, variant: str, bits: int, seed: int) -> dict:
     row = {"task": task.name, "variant": variant, "bits": bits, "seed": seed, "train_s": round(seconds, 1)}
     if how:
         row["after_from"] = how
+    else:
+        row["bits_per_weight"] = bits_per_weight(final)
     row.update({f"before_{k}": v for k, v in before.items()})
     row.update({f"after_{k}": v for k, v in after.items()})
     return row
 
 
 # ----------------------------------------------------------------------------------------------- table
+
+#: the text above the table in ``--out``
+TABLE_NOTE = (
+    '`OMP_NUM_THREADS=1 python benchmarks/quality.py` (rows in `benchmarks/results/quality.jsonl`, setup in the\n'
+    "script's docstring): the charlm recipe's 2-layer transformer (600 float steps, then 200 palettization steps) and\n"
+    "the mnist5k_cnn recipe's CNN (6 float epochs, then 3 epochs = 189 steps), every weight above 2048 elements with one\n"
+    'LUT per tensor, all other fields default; same float model, data order, optimizer and loop for every palettizer.\n'
+    "Before = the validation loss through the trained model's palettization layers in training mode (DKM's soft\n"
+    'forward); after = the finalized `LUT[indices]` model. Means ± sample std over seeds; "- coremltools" is paired per\n'
+    'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`), `ours-no-levers` = `finalize_lut="dkm"`,\n'
+    '`ours-hard-F` = `hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through\n'
+    'gradient; 1.0 = every step), `ours-mixed-2.5` = `plan_bits(average_bits=2.5)` over 2/3/4 bits (8 training\n'
+    "batches for the sensitivities; the row's `bits` is unused, every layer gets its planned width), `post-training` =\n"
+    "exact 1-D k-means of the float model, no data. `bits/weight`: the finalized records' storage (indices and LUTs) per\n"
+    'palettized weight, where recorded.\n'
+    "coremltools 9.0's `finalize` raises on `nn.MultiheadAttention`, so its finalized charlm model is built as its\n"
+    '`finalize` would (after `model.eval()`, each weight replaced by `<name>_fake_quant.forward(weight)`); and its module\n'
+    "swap only fake-quantizes weights read through the module's own forward, so the charlm model here reads the position\n"
+    'table as `pos(positions)` instead of `pos.weight[:length]` (the same math; otherwise coremltools trains that table\n'
+    'in float and its finalize snaps it without training).\n'
+)
 
 
 def _cell(values: list, digits: int, scale: float = 1.0) -> str:
@@ -264,8 +310,8 @@ def table(rows: list[dict]) -> str:
         groups.setdefault((r["task"], r["bits"], r["variant"]), []).append(r)
     ct = {(t, b): {r["seed"]: r for r in rs} for (t, b, v), rs in groups.items() if v == "coremltools"}
     out = ["| task | bits | palettizer | seeds | val loss before finalize | val loss after finalize | "
-           "after - coremltools (same seeds) | acc before (%) | acc after (%) | acc after - coremltools (points) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "after - coremltools (same seeds) | acc before (%) | acc after (%) | acc after - coremltools (points) "
+           "| bits/weight |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(VARIANTS)
     for (task, bits, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]))):
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -274,12 +320,13 @@ def table(rows: list[dict]) -> str:
         d_loss = _cell([r["after_loss"] - ref[r["seed"]]["after_loss"] for r in paired], 4) if paired and \
             variant != "coremltools" else ""
         has_acc = "after_acc" in rs[0]
+        size = _cell([r["bits_per_weight"] for r in rs], 3) if variant == "ours-mixed-2.5" else ""
         d_acc = _cell([r["after_acc"] - ref[r["seed"]]["after_acc"] for r in paired], 2, 100) if has_acc and \
             paired and variant != "coremltools" else ""
         out.append(f"| {task} | {bits} | {variant} | {','.join(str(r['seed']) for r in rs)} | "
                    f"{_cell([r['before_loss'] for r in rs], 4)} | {_cell([r['after_loss'] for r in rs], 4)} | "
                    f"{d_loss} | {_cell([r['before_acc'] for r in rs], 2, 100) if has_acc else ''} | "
-                   f"{_cell([r['after_acc'] for r in rs], 2, 100) if has_acc else ''} | {d_acc} |")
+                   f"{_cell([r['after_acc'] for r in rs], 2, 100) if has_acc else ''} | {d_acc} | {size} |")
     return "\n".join(out) + "\n"
 
 
@@ -312,8 +359,7 @@ def main(argv=None) -> None:
                 done.append(row)
                 with open(args.jsonl, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-    atomic_write_text(args.out, "# Finalized-model quality: dkm_palett vs coremltools' DKMPalettizer\n\n"
-                      "Generated by `benchmarks/quality.py` (setup in its docstring).\n\n" + table(done))
+    atomic_write_text(args.out, TABLE_NOTE + "\n" + table(done))
     print(table(done))
 
 

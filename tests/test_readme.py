@@ -51,3 +51,17 @@ def test_readme_accuracy_rows_are_rows_of_the_committed_table():
     committed = (README.parent / "benchmarks" / "results" / "quality.md").read_text(encoding="utf-8").splitlines()
     assert len(rows) >= 10
     assert [row for row in rows if row not in committed] == []
+
+
+def test_committed_quality_table_is_what_the_script_makes_of_its_rows():
+    """benchmarks/results/quality.md is benchmarks/quality.py's table of the committed quality.jsonl, unedited."""
+    import importlib.util
+    import json
+
+    bench = README.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("quality_bench", bench / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    rows = [json.loads(line) for line in (bench / "results" / "quality.jsonl").read_text().splitlines() if line]
+    committed = (bench / "results" / "quality.md").read_text(encoding="utf-8")
+    assert committed == quality.TABLE_NOTE + "\n" + quality.table(rows)
