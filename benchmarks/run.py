@@ -25,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 300
 CT_TIMEOUT_S = 1200
 N_STEPS = 5
-CT_HEADLINE = "1024x2,1024x3,1024x4,2048x4"  # coremltools headline cells (d x bits) run by default
+CT_HEADLINE = "1024x2,1024x3,1024x4,2048x2,2048x3,2048x4"  # coremltools headline cells (d x bits) run by default
 BATCH = 64
 
 

@@ -43,13 +43,17 @@ def test_readme_python_block_runs(index, tmp_path):
         assert proc.stdout.strip().splitlines()[-1] == "True True"
 
 
-def test_readme_accuracy_rows_are_rows_of_the_committed_table():
-    """The accuracy table in the README quotes benchmarks/results/quality.md; every row must be one of its rows."""
-    readme = README.read_text(encoding="utf-8")
-    section = readme.split("## Accuracy against coremltools", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| charlm") or line.startswith("| mnist")]
-    committed = (README.parent / "benchmarks" / "results" / "quality.md").read_text(encoding="utf-8").splitlines()
-    assert len(rows) >= 10
+@pytest.mark.parametrize("section,table,prefixes,count", [
+    ("## Accuracy against coremltools", "benchmarks/results/quality.md", ("| charlm", "| mnist"), 10),
+    ("## Speed", "benchmarks/README.md", ("| 1M |", "| 4M |"), 6),
+])
+def test_readme_tables_quote_rows_of_the_committed_tables(section, table, prefixes, count):
+    """The README's accuracy and speed tables quote the committed benchmark tables; every row must be one of
+    theirs, unedited."""
+    text = README.read_text(encoding="utf-8").split(section + "\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if line.startswith(prefixes)]
+    committed = (README.parent / table).read_text(encoding="utf-8").splitlines()
+    assert len(rows) >= count
     assert [row for row in rows if row not in committed] == []
 
 
