@@ -142,6 +142,8 @@ def _progress(stderr) -> dict:
 
 
 def run_cell(spec: dict, timeout: float) -> dict:
+    # what else the machine was running: timings on a shared 2-core machine mean little without it
+    load = {"load1_start": os.getloadavg()[0], "measured": time.strftime("%Y-%m-%d", time.gmtime())}
     t0 = time.perf_counter()
     env = {**os.environ, "TQDM_DISABLE": "1"}
     try:
@@ -158,6 +160,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
             oom = "MemoryError" in proc.stderr or "out of memory" in proc.stderr or proc.returncode == -9
             res = {"error": ("OOM: " if oom else "") + f"rc={proc.returncode}: {tail[:160]}"}
     res["wall_s"] = time.perf_counter() - t0
+    res.update(load)
     print(f"{cell_key(spec)} -> {res}", file=sys.stderr, flush=True)
     return {**spec, **res}
 

@@ -36,14 +36,15 @@ def _cells(results: dict):
 
 
 def _main_table(results: dict) -> list[str]:
-    lines = ["| model | params | input | bits | plain step | DKM first step | init (first - plain) | DKM step | "
-             "DKM/plain step | plain peak RSS | DKM peak RSS | DKM/plain peak |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | input | bits | plain step | DKM first step | init (first - plain) "
+             "| init (first - DKM step) | DKM step | "
+             "DKM/plain step | plain peak RSS | DKM peak RSS | DKM/plain peak | load at start (plain / DKM) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     done = {(m, t) for m, t, _, _, ours, _ in _cells(results) if ours is not None}
     for r in results.values():  # plain cells whose DKM cell was not run
         if r["impl"] == "plain" and (r["model"], r["tokens"]) not in done and _ok(r):
-            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | {_s(r['step_s'])} | not run | — | — "
-                         f"| — | {_gib(r['peak_mib'])} | — | — |")
+            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | {_s(r['step_s'])} | not run | — | — | — "
+                         f"| — | {_gib(r['peak_mib'])} | — | — | {_load(r, None)} |")
     for model, tokens, bits, plain, ours, _ in _cells(results):
         if ours is None:
             continue
@@ -54,16 +55,23 @@ def _main_table(results: dict) -> list[str]:
             done = ours.get("partial_steps_s", [])
             later = f"{len(done) - 1} later steps: " + ", ".join(_s(t) for t in done[1:]) if len(done) > 1 else "—"
             lines.append(f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {ours['error']}"
-                         f"{'; first step ' + _s(done[0]) if done else ''} | — | {later} | — "
+                         f"{'; first step ' + _s(done[0]) if done else ''} | — | — | {later} | — "
                          f"| {_gib(ref.get('peak_mib'))} | {_gib(ours.get('peak_mib'))} "
-                         f"| {_ratio(ours.get('peak_mib'), ref.get('peak_mib'))} |")
+                         f"| {_ratio(ours.get('peak_mib'), ref.get('peak_mib'))} | {_load(plain, ours)} |")
             continue
         init = None if not _ok(plain) else ours["first_s"] - plain["step_s"]
         lines.append(
             f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {_s(ours['first_s'])} | {_s(init)} "
+            f"| {_s(ours['first_s'] - ours['step_s'])} "
             f"| {_s(ours['step_s'])} | {_ratio(ours['step_s'], ref.get('step_s'))} | {_gib(ref.get('peak_mib'))} "
-            f"| {_gib(ours['peak_mib'])} | {_ratio(ours['peak_mib'], ref.get('peak_mib'))} |")
+            f"| {_gib(ours['peak_mib'])} | {_ratio(ours['peak_mib'], ref.get('peak_mib'))} | {_load(plain, ours)} |")
     return lines
+
+
+def _load(*cells) -> str:
+    """The 1-minute load average at each cell's start (``—``: not recorded, cells from before it was)."""
+    return " / ".join("—" if not c or "load1_start" not in c else f"{c['load1_start']:.1f}" for c in cells if c
+                      is not None) or "—"
 
 
 def _params(*rows) -> str:
@@ -146,9 +154,13 @@ def write_report(results: dict) -> str:
     doc = ["Every cell is its own process (`python benchmarks/model_scale.py`); fp32 weights, SGD, default "
            "`DKMPalettizer` settings with `n_bits` as given (every Linear, Conv2d and the embedding above "
            "`weight_threshold=2048`). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
-           "step* includes k-means initialisation; *peak RSS* is the process's `ru_maxrss` (model construction "
-           "included). The machine (2 cores, 24 GiB) was shared with other developers' jobs while this ran: "
-           "timings are noisy, memory is not.", "", *_main_table(results), ""]
+           "step* includes k-means initialisation, so *first - plain* counts one DKM step too and *first - DKM step* is "
+           "the initialisation itself; *peak RSS* is the process's `ru_maxrss` (model construction "
+           "included). The machine (2 cores, 24 GiB) is shared with other developers' jobs, so timings depend on "
+           "what else ran: *load at start* is the 1-minute load average when each cell started. Cells run back to back, "
+           "so it includes the tail of the previous cell (up to about 2 on an otherwise idle 2-core machine); well "
+           "above 2 means other jobs. Cells without it predate its recording and ran while the machine was heavily "
+           "shared (plain steps several times slower than on an idle machine). Memory does not depend on the load.", "", *_main_table(results), ""]
     if plot(results):
         doc += ["![peak memory vs parameters](../model_scale.png)", ""]
     ct = _ct_table(results)

@@ -53,6 +53,7 @@ VARIANTS = {
     "ours-hard-0.75": ("ours", {"hard_fraction": 0.75}),
     "ours-hard-1.0": ("ours", {"hard_fraction": 1.0}),
     "ours-mixed-2.5": ("ours", {"average_bits": 2.5}),  # plan_bits over MIXED_BITS; the row's bits is unused
+    "ours-iter-1": ("ours", {"kmeans_max_iter": 1}),  # one k-means iteration a step (half the passes of 3)
 }
 MIXED_BITS, PLAN_BATCHES = (2, 3, 4), 8
 
@@ -284,7 +285,8 @@ TABLE_NOTE = (
     'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`), `ours-no-levers` = `finalize_lut="dkm"`,\n'
     '`ours-hard-F` = `hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through\n'
     'gradient; 1.0 = every step), `ours-mixed-2.5` = `plan_bits(average_bits=2.5)` over 2/3/4 bits (8 training\n'
-    "batches for the sensitivities; the row's `bits` is unused, every layer gets its planned width), `post-training` =\n"
+    "batches for the sensitivities; the row's `bits` is unused, every layer gets its planned width), `ours-iter-1` =\n"
+    '`kmeans_max_iter=1` (one k-means iteration a training step instead of 3: half the passes), `post-training` =\n'
     "exact 1-D k-means of the float model, no data. `bits/weight`: the finalized records' storage (indices and LUTs) per\n"
     'palettized weight, where recorded.\n'
     "coremltools 9.0's `finalize` raises on `nn.MultiheadAttention`, so its finalized charlm model is built as its\n"

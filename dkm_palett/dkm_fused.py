@@ -17,8 +17,6 @@ in a fixed order, so results do not depend on the thread count.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numba
 import numpy as np
 import torch
@@ -302,22 +300,19 @@ def fused_threads() -> int:
     return threads
 
 
-def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMParams,
-                sq_error: Optional[list] = None) -> torch.Tensor:
-    """DKM's output ``A(x; c_prev) @ cq`` for ``x (G, N, 1)`` float32 (no autograd): one pass over the weights.
+def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMParams) -> tuple[torch.Tensor, float]:
+    """DKM's output ``A(x; c_prev) @ cq`` for ``x (G, N, 1)`` float32 (no autograd), and ``sum((out - x)^2)`` (summed
+    in float64): one pass over the weights.
 
     :class:`FusedDKM` makes its output with this, from its last iteration's centroids ``c_prev (G, K)`` and the
     (quantized) final ones ``cq (G, K)``, so calling it again with its ``table_inputs`` rebuilds the output
-    bit-identically at a quarter of a ``kmeans_max_iter=3`` forward's cost (recompute.py). ``sq_error``: a list
-    that gets ``sum((out - x)^2)`` appended (float, summed in float64)."""
+    bit-identically at a quarter of a ``kmeans_max_iter=3`` forward's cost (recompute.py)."""
     fused_threads()
     out = torch.empty(x.shape[:2], dtype=torch.float32)
     sq = np.empty(x.shape[0] * -(-x.shape[1] // CHUNK))
     _table_kernel(x[..., 0].contiguous().numpy(), c_prev.contiguous().numpy(), cq.contiguous().numpy(),
                   np.float32(p.tau), out.numpy(), sq)
-    if sq_error is not None:
-        sq_error.append(float(sq.sum()))
-    return out.unsqueeze(-1)
+    return out.unsqueeze(-1), float(sq.sum())
 
 
 class FusedDKM(torch.autograd.Function):
@@ -343,11 +338,10 @@ class FusedDKM(torch.autograd.Function):
             if (c_new - cs[-2]).abs().max().item() < p.epsilon:
                 break
         cq = quantized(cs[-1].unsqueeze(-1), p)[..., 0].contiguous()
-        sq_error = []
-        out = fused_table(x.detach(), cs[-2], cq, p, sq_error)
+        out, sq_error = fused_table(x.detach(), cs[-2], cq, p)
         ctx.save_for_backward(x)
         #: ``sum((out - x)^2)``, for the layer's ``last_error`` without another pass over the weights
-        ctx.sq_error = sq_error[0]
+        ctx.sq_error = sq_error
         ctx.state = (cs, sums, cq, p)
         #: what :func:`fused_table` needs to rebuild ``out`` (recompute in backward): ``K`` numbers per LUT
         ctx.table_inputs = (cs[-2], cq)

@@ -293,7 +293,7 @@ class FakePalettize(nn.Module):
         if table is not None:
             from dkm_palett.dkm_fused import fused_table
 
-            out = fused_table(x, *table, p)
+            out, _ = fused_table(x, *table, p)
         else:
             out, _ = self._dkm(x, c0, p, rows, 0.0, choice, weight)
         return self._finish_output(out, scale, weight.dtype)
