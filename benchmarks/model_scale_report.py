@@ -43,8 +43,8 @@ def _main_table(results: dict) -> list[str]:
     done = {(m, t) for m, t, _, _, ours, _ in _cells(results) if ours is not None}
     for r in results.values():  # plain cells whose DKM cell was not run
         if r["impl"] == "plain" and (r["model"], r["tokens"]) not in done and _ok(r):
-            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | {_s(r['step_s'])} | not run | — | — | — "
-                         f"| — | {_gib(r['peak_mib'])} | — | — | {_load(r, None)} |")
+            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | {_s(r['step_s'])} | not run | — "
+                         f"| — | — | — | {_gib(r['peak_mib'])} | — | — | {_load(r)} |")
     for model, tokens, bits, plain, ours, _ in _cells(results):
         if ours is None:
             continue
@@ -69,9 +69,8 @@ def _main_table(results: dict) -> list[str]:
 
 
 def _load(*cells) -> str:
-    """The 1-minute load average at each cell's start (``—``: not recorded, cells from before it was)."""
-    return " / ".join("—" if not c or "load1_start" not in c else f"{c['load1_start']:.1f}" for c in cells if c
-                      is not None) or "—"
+    """The 1-minute load average at each cell's start (``—``: no cell, or one from before it was recorded)."""
+    return " / ".join("—" if not c or "load1_start" not in c else f"{c['load1_start']:.1f}" for c in cells)
 
 
 def _params(*rows) -> str:
@@ -154,13 +153,14 @@ def write_report(results: dict) -> str:
     doc = ["Every cell is its own process (`python benchmarks/model_scale.py`); fp32 weights, SGD, default "
            "`DKMPalettizer` settings with `n_bits` as given (every Linear, Conv2d and the embedding above "
            "`weight_threshold=2048`). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
-           "step* includes k-means initialisation, so *first - plain* counts one DKM step too and *first - DKM step* is "
-           "the initialisation itself; *peak RSS* is the process's `ru_maxrss` (model construction "
+           "step* includes k-means initialisation, so *first - plain* counts one DKM step too and *first - DKM "
+           "step* is the initialisation itself; *peak RSS* is the process's `ru_maxrss` (model construction "
            "included). The machine (2 cores, 24 GiB) is shared with other developers' jobs, so timings depend on "
-           "what else ran: *load at start* is the 1-minute load average when each cell started. Cells run back to back, "
-           "so it includes the tail of the previous cell (up to about 2 on an otherwise idle 2-core machine); well "
-           "above 2 means other jobs. Cells without it predate its recording and ran while the machine was heavily "
-           "shared (plain steps several times slower than on an idle machine). Memory does not depend on the load.", "", *_main_table(results), ""]
+           "what else ran: *load at start* is the 1-minute load average when each cell started. Cells run back to "
+           "back, so it includes the tail of the previous cell (up to about 2 on an otherwise idle 2-core machine); "
+           "well above 2 means other jobs. Cells without it predate its recording and ran while the machine was "
+           "heavily shared (plain steps several times slower than on an idle machine). Memory does not depend on "
+           "the load.", "", *_main_table(results), ""]
     if plot(results):
         doc += ["![peak memory vs parameters](../model_scale.png)", ""]
     ct = _ct_table(results)

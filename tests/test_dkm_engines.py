@@ -58,7 +58,6 @@ def test_fused_matches_reference(groups, k, lam, zero, lut_dtype, max_iter):
         assert (c2[:, zero] == 0).all()
 
 
-
 def test_fused_output_pass_sums_the_squared_error_and_the_layer_reports_it():
     """``last_error`` of a fused layer comes from the kernel's own sum, not another pass: it must equal the RMS of
     ``DKM output - weight`` computed here in float64, with grouped LUTs and a size that is not a whole chunk."""
@@ -75,6 +74,7 @@ def test_fused_output_pass_sums_the_squared_error_and_the_layer_reports_it():
     raw = model[0].parametrizations.weight.original
     expected = ((soft.double() - raw.double()) ** 2).mean().sqrt().item()
     assert layer.last_error.item() == pytest.approx(expected, rel=1e-5)
+
 
 def test_fused_stops_early_like_the_reference():
     torch.manual_seed(1)
