@@ -41,7 +41,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _palettizer(impl: str, model, bits: int):
+def _palettizer(impl: str, model, bits: int, iters=None):
     if impl == "ours":
         from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
     else:
@@ -50,9 +50,10 @@ def _palettizer(impl: str, model, bits: int):
             DKMPalettizerConfig,
             ModuleDKMPalettizerConfig,
         )
-    cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=bits))
+    extra = {} if iters is None else {"kmeans_max_iter": iters}
+    cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=bits, **extra))
     pal = DKMPalettizer(model, cfg)
-    return pal, pal.prepare(inplace=True)
+    return pal, pal.prepare(inplace=True), cfg.global_config.kmeans_max_iter
 
 
 def _end_of_pipeline(pal, model, inputs, out: dict, coreml: bool) -> None:
@@ -102,7 +103,7 @@ def worker(spec: dict) -> dict:
     out: dict = {"params": params, "threads": torch.get_num_threads(), "build_peak_mib": peak_rss_mib()}
     pal = None
     if spec["impl"] != "plain":
-        pal, model = _palettizer(spec["impl"], model, spec["bits"])
+        pal, model, out["kmeans_max_iter"] = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     times = []
@@ -127,8 +128,10 @@ def worker(spec: dict) -> dict:
 
 
 def cell_key(spec: dict) -> str:
+    """``model/tokens/impl[/bits][/iterations]``: ours cells name their ``kmeans_max_iter`` (coremltools: its 3)."""
     bits = "" if spec["impl"] == "plain" else f"/{spec['bits']}bit"
-    return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}"
+    iters = f"/{spec['iters']}it" if spec["impl"] == "ours" else ""
+    return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}{iters}"
 
 
 def _progress(stderr) -> dict:
@@ -186,6 +189,8 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[4])
     ap.add_argument("--tokens", nargs="+", type=int, default=[128])
     ap.add_argument("--impls", nargs="+", default=["plain", "ours"], choices=["plain", "ours", "coremltools"])
+    ap.add_argument("--kmeans-max-iter", type=int, default=None,
+                    help="ours: DKM iterations per step (default: the package default; coremltools always runs its 3)")
     ap.add_argument("--steps", type=int, default=3, help="later steps whose median is reported (>= 3)")
     ap.add_argument("--end", action="store_true", help="also finalize() + save_compressed() (ours)")
     ap.add_argument("--coreml", action="store_true", help="also export_coreml (ours)")
@@ -201,13 +206,17 @@ def main() -> None:
     if not args.report:
         if args.steps < 3:
             raise ValueError(f"--steps must be >= 3 (the median of at least 3 later steps), got {args.steps}.")
+        from dkm_palett.config.training import ModuleDKMPalettizerConfig
+
+        default_iters = ModuleDKMPalettizerConfig.kmeans_max_iter
         specs = {}
         for model in args.models:
             for tokens in args.tokens if model not in ("resnet18", "resnet50") else [32]:
                 for bits in args.bits:
                     for impl in args.impls:
                         spec = dict(model=model, tokens=tokens, bits=bits, impl=impl, steps=args.steps,
-                                    end=args.end, coreml=args.coreml, cap_gib=args.ct_cap_gib)
+                                    end=args.end, coreml=args.coreml, cap_gib=args.ct_cap_gib,
+                                    iters=(args.kmeans_max_iter or default_iters) if impl == "ours" else None)
                         specs.setdefault(cell_key(spec), spec)
         for key, spec in specs.items():
             res = run_cell(spec, args.ct_timeout if spec["impl"] == "coremltools" else args.timeout)

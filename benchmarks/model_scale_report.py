@@ -7,6 +7,7 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 MD = os.path.join(HERE, "results", "model_scale.md")
 PNG = os.path.join(HERE, "model_scale.png")
+CT_ITERS = 3  # coremltools' kmeans_max_iter
 ORDER = ["7m", "20m", "125m", "350m", "1.1b", "resnet18", "resnet50"]
 
 
@@ -27,25 +28,27 @@ def _ok(r):
 
 
 def _cells(results: dict):
-    """Yield ``(model, tokens, bits, plain, ours, coremltools)`` rows in a stable order."""
-    keys = sorted({(r["model"], r["tokens"], r["bits"]) for r in results.values() if r["impl"] != "plain"},
-                  key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k[1], k[2]))
-    for model, tokens, bits in keys:
-        yield (model, tokens, bits, results.get(f"{model}/{tokens}/plain"),
-               results.get(f"{model}/{tokens}/ours/{bits}bit"), results.get(f"{model}/{tokens}/coremltools/{bits}bit"))
+    """Yield ``(model, tokens, bits, iters, plain, ours, coremltools)`` rows in a stable order: one per ours cell
+    (``iters``: its ``kmeans_max_iter``), coremltools beside ours at its own 3 iterations (or alone)."""
+    keys = {(r["model"], r["tokens"], r["bits"], r.get("iters") or CT_ITERS)
+            for r in results.values() if r["impl"] != "plain"}
+    for model, tokens, bits, iters in sorted(keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, *k[1:])):
+        ct = results.get(f"{model}/{tokens}/coremltools/{bits}bit") if iters == CT_ITERS else None
+        yield (model, tokens, bits, iters, results.get(f"{model}/{tokens}/plain"),
+               results.get(f"{model}/{tokens}/ours/{bits}bit/{iters}it"), ct)
 
 
 def _main_table(results: dict) -> list[str]:
-    lines = ["| model | params | input | bits | plain step | DKM first step | init (first - plain) "
+    lines = ["| model | params | input | bits | DKM iterations | plain step | DKM first step | init (first - plain) "
              "| init (first - DKM step) | DKM step | "
              "DKM/plain step | plain peak RSS | DKM peak RSS | DKM/plain peak | load at start (plain / DKM) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    done = {(m, t) for m, t, _, _, ours, _ in _cells(results) if ours is not None}
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    done = {(m, t) for m, t, _, _, _, ours, _ in _cells(results) if ours is not None}
     for r in results.values():  # plain cells whose DKM cell was not run
         if r["impl"] == "plain" and (r["model"], r["tokens"]) not in done and _ok(r):
-            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | {_s(r['step_s'])} | not run | — "
+            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | — | {_s(r['step_s'])} | not run | — "
                          f"| — | — | — | {_gib(r['peak_mib'])} | — | — | {_load(r)} |")
-    for model, tokens, bits, plain, ours, _ in _cells(results):
+    for model, tokens, bits, iters, plain, ours, _ in _cells(results):
         if ours is None:
             continue
         ref = plain or {}
@@ -54,14 +57,15 @@ def _main_table(results: dict) -> list[str]:
         if not _ok(ours):
             done = ours.get("partial_steps_s", [])
             later = f"{len(done) - 1} later steps: " + ", ".join(_s(t) for t in done[1:]) if len(done) > 1 else "—"
-            lines.append(f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {ours['error']}"
+            lines.append(f"| {model} | {size} | {inp} | {bits} | {iters} | {_s(ref.get('step_s'))} | {ours['error']}"
                          f"{'; first step ' + _s(done[0]) if done else ''} | — | — | {later} | — "
                          f"| {_gib(ref.get('peak_mib'))} | {_gib(ours.get('peak_mib'))} "
                          f"| {_ratio(ours.get('peak_mib'), ref.get('peak_mib'))} | {_load(plain, ours)} |")
             continue
         init = None if not _ok(plain) else ours["first_s"] - plain["step_s"]
         lines.append(
-            f"| {model} | {size} | {inp} | {bits} | {_s(ref.get('step_s'))} | {_s(ours['first_s'])} | {_s(init)} "
+            f"| {model} | {size} | {inp} | {bits} | {iters} | {_s(ref.get('step_s'))} | {_s(ours['first_s'])} "
+            f"| {_s(init)} "
             f"| {_s(ours['first_s'] - ours['step_s'])} "
             f"| {_s(ours['step_s'])} | {_ratio(ours['step_s'], ref.get('step_s'))} | {_gib(ref.get('peak_mib'))} "
             f"| {_gib(ours['peak_mib'])} | {_ratio(ours['peak_mib'], ref.get('peak_mib'))} | {_load(plain, ours)} |")
@@ -81,10 +85,11 @@ def _params(*rows) -> str:
 
 
 def _ct_table(results: dict) -> list[str]:
-    lines = ["| model | bits | plain step | ours step | coremltools step | ct/ours step | ours extra peak | "
+    lines = [f"| model | bits | plain step | ours step ({CT_ITERS} iterations) | coremltools step | ct/ours step "
+             "| ours extra peak | "
              "ct extra peak | ct/ours extra memory | ct first step |", "|---|---|---|---|---|---|---|---|---|---|"]
     found = False
-    for model, tokens, bits, plain, ours, ct in _cells(results):
+    for model, tokens, bits, _, plain, ours, ct in _cells(results):
         if ct is None:
             continue
         found = True
@@ -103,15 +108,15 @@ def _ct_table(results: dict) -> list[str]:
 
 
 def _end_table(results: dict) -> list[str]:
-    lines = ["| model | bits | DKM training peak RSS | finalize() | save_compressed() | peak RSS after both | "
-             "export_coreml |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | bits | DKM iterations | DKM training peak RSS | finalize() | save_compressed() "
+             "| peak RSS after both | export_coreml |", "|---|---|---|---|---|---|---|---|"]
     found = False
-    for model, tokens, bits, _, ours, _ in _cells(results):
+    for model, tokens, bits, iters, _, ours, _ in _cells(results):
         if not _ok(ours) or "finalize_s" not in ours:
             continue
         found = True
         coreml = _s(ours.get("coreml_s")) if "coreml_s" in ours else "not run"
-        lines.append(f"| {model} (1x{tokens}) | {bits} | {_gib(ours['peak_mib'])} | {_s(ours['finalize_s'])} "
+        lines.append(f"| {model} (1x{tokens}) | {bits} | {iters} | {_gib(ours['peak_mib'])} | {_s(ours['finalize_s'])} "
                      f"| {_s(ours['save_s'])} | {_gib(ours['save_peak_mib'])} | {coreml} |")
     return lines if found else []
 
@@ -124,15 +129,16 @@ def plot(results: dict) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    series = {"plain": {}, "ours": {}, "coremltools": {}}
+    series: dict = {}
     for r in results.values():
         if _ok(r) and not r["model"].startswith("resnet") and r["tokens"] == 128 and r.get("bits", 4) == 4:
-            series[r["impl"]][r["params"]] = r["peak_mib"] / 1024
+            name = {"plain": "plain", "coremltools": "coremltools DKM 4-bit"}.get(
+                r["impl"], f"ours DKM 4-bit, {r.get('iters')} iteration(s)")
+            series.setdefault(name, {})[r["params"]] = r["peak_mib"] / 1024
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, style in (("plain", "o-"), ("ours", "s-"), ("coremltools", "^-")):
-        pts = sorted(series[name].items())
-        if pts:
-            ax.loglog([p for p, _ in pts], [m for _, m in pts], style, label=name if name == "plain" else f"{name} DKM 4-bit")
+    for (name, pts), style in zip(sorted(series.items()), ("^-", "o-", "s-", "d-", "v-")):
+        pts = sorted(pts.items())
+        ax.loglog([p for p, _ in pts], [m for _, m in pts], style, label=name)
     ax.set_xlabel("parameters")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("Peak memory of a training step (decoder, 1x128 tokens)")
@@ -152,7 +158,8 @@ def write_report(results: dict) -> str:
 
     doc = ["Every cell is its own process (`python benchmarks/model_scale.py`); fp32 weights, SGD, default "
            "`DKMPalettizer` settings with `n_bits` as given (every Linear, Conv2d and the embedding above "
-           "`weight_threshold=2048`). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
+           "`weight_threshold=2048`) and `kmeans_max_iter` as in *DKM iterations* (the default is 1; coremltools' "
+           "and our default before 2026-12-06 is 3). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
            "step* includes k-means initialisation, so *first - plain* counts one DKM step too and *first - DKM "
            "step* is the initialisation itself; *peak RSS* is the process's `ru_maxrss` (model construction "
            "included). The machine (2 cores, 24 GiB) is shared with other developers' jobs, so timings depend on "

@@ -42,18 +42,20 @@ THRESHOLD = 2048
 SEQ = 64
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-#: variant name -> (palettizer, extra ModuleDKMPalettizerConfig fields). "ours" is the default config.
+#: variant name -> (palettizer, extra ModuleDKMPalettizerConfig fields). "ours" is the default config. The lever
+#: variants pin coremltools' kmeans_max_iter=3, the default when their rows were measured (it is 1 since 2026-12-06).
+ITER_3 = {"kmeans_max_iter": 3}
 VARIANTS = {
     "float": ("reference", {}),
     "post-training": ("reference", {}),
     "coremltools": ("coremltools", {}),
     "ours": ("ours", {}),
-    "ours-no-levers": ("ours", {"finalize_lut": "dkm", "hard_fraction": 0.0}),
-    "ours-hard-0.5": ("ours", {"hard_fraction": 0.5}),
-    "ours-hard-0.75": ("ours", {"hard_fraction": 0.75}),
-    "ours-hard-1.0": ("ours", {"hard_fraction": 1.0}),
-    "ours-mixed-2.5": ("ours", {"average_bits": 2.5}),  # plan_bits over MIXED_BITS; the row's bits is unused
-    "ours-iter-1": ("ours", {"kmeans_max_iter": 1}),  # one k-means iteration a step (half the passes of 3)
+    "ours-iter-3": ("ours", ITER_3),  # coremltools' default: 3 k-means iterations a step (twice the passes of 1)
+    "ours-no-levers": ("ours", {**ITER_3, "finalize_lut": "dkm", "hard_fraction": 0.0}),
+    "ours-hard-0.5": ("ours", {**ITER_3, "hard_fraction": 0.5}),
+    "ours-hard-0.75": ("ours", {**ITER_3, "hard_fraction": 0.75}),
+    "ours-hard-1.0": ("ours", {**ITER_3, "hard_fraction": 1.0}),
+    "ours-mixed-2.5": ("ours", {**ITER_3, "average_bits": 2.5}),  # plan_bits over MIXED_BITS; the row's bits unused
 }
 MIXED_BITS, PLAN_BATCHES = (2, 3, 4), 8
 
@@ -282,12 +284,13 @@ TABLE_NOTE = (
     'LUT per tensor, all other fields default; same float model, data order, optimizer and loop for every palettizer.\n'
     "Before = the validation loss through the trained model's palettization layers in training mode (DKM's soft\n"
     'forward); after = the finalized `LUT[indices]` model. Means ± sample std over seeds; "- coremltools" is paired per\n'
-    'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`), `ours-no-levers` = `finalize_lut="dkm"`,\n'
-    '`ours-hard-F` = `hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through\n'
-    'gradient; 1.0 = every step), `ours-mixed-2.5` = `plan_bits(average_bits=2.5)` over 2/3/4 bits (8 training\n'
-    "batches for the sensitivities; the row's `bits` is unused, every layer gets its planned width), `ours-iter-1` =\n"
-    '`kmeans_max_iter=1` (one k-means iteration a training step instead of 3: half the passes), `post-training` =\n'
-    "exact 1-D k-means of the float model, no data. `bits/weight`: the finalized records' storage (indices and LUTs) per\n"
+    'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`, `kmeans_max_iter=1`: one k-means iteration a\n'
+    "training step), `ours-iter-3` = `kmeans_max_iter=3` (coremltools' default, and ours before 2026-12-06: twice the\n"
+    'passes). The lever rows run 3 iterations too: `ours-no-levers` = `finalize_lut="dkm"`, `ours-hard-F` =\n'
+    '`hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through gradient; 1.0 =\n'
+    'every step), `ours-mixed-2.5` = `plan_bits(average_bits=2.5)` over 2/3/4 bits (8 training batches for the\n'
+    "sensitivities; the row's `bits` is unused, every layer gets its planned width). `post-training` = exact 1-D\n"
+    "k-means of the float model, no data. `bits/weight`: the finalized records' storage (indices and LUTs) per\n"
     'palettized weight, where recorded.\n'
     "coremltools 9.0's `finalize` raises on `nn.MultiheadAttention`, so its finalized charlm model is built as its\n"
     '`finalize` would (after `model.eval()`, each weight replaced by `<name>_fake_quant.forward(weight)`); and its module\n'

@@ -306,7 +306,7 @@ def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMP
 
     :class:`FusedDKM` makes its output with this, from its last iteration's centroids ``c_prev (G, K)`` and the
     (quantized) final ones ``cq (G, K)``, so calling it again with its ``table_inputs`` rebuilds the output
-    bit-identically at a quarter of a ``kmeans_max_iter=3`` forward's cost (recompute.py)."""
+    bit-identically at half a ``kmeans_max_iter=1`` forward's cost (recompute.py)."""
     fused_threads()
     out = torch.empty(x.shape[:2], dtype=torch.float32)
     sq = np.empty(x.shape[0] * -(-x.shape[1] // CHUNK))

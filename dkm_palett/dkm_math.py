@@ -29,7 +29,7 @@ class DKMParams:
 
     tau: float = 1e-4
     mode: str = "dkm"  # dkm | gsm | hard
-    max_iter: int = 3
+    max_iter: int = 1  # ModuleDKMPalettizerConfig.kmeans_max_iter's default
     epsilon: float = 1e-4
     lam: float = 0.0
     zero_index: Optional[int] = None  # a centroid pinned to exactly 0 (enforce_zero / add_extra_centroid)

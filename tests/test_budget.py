@@ -15,7 +15,9 @@ def _model(fraction: float):
     torch.manual_seed(0)
     net = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
     # vectors (cluster_dim=2) run the dense engine, the one that keeps its attention for backward
-    cfg = ModuleDKMPalettizerConfig(n_bits=2, cluster_dim=2, weight_threshold=0, palett_max_mem=fraction)
+    # 3 iterations (not the default 1), so that one layer's cache is large against the budget
+    cfg = ModuleDKMPalettizerConfig(n_bits=2, cluster_dim=2, weight_threshold=0, palett_max_mem=fraction,
+                                    kmeans_max_iter=3)
     pal = DKMPalettizer(net, DKMPalettizerConfig(global_config=cfg))
     return pal.prepare()
 
