@@ -87,6 +87,24 @@ def test_fused_stops_early_like_the_reference():
     assert rel(out2, out) <= 1e-6 and rel(c2, c) <= 1e-6 and rel(gx2, gx) <= 5e-6
 
 
+@pytest.mark.parametrize("iters,passes", [(None, 1), (3, 3)])
+def test_the_default_runs_one_k_means_iteration_a_step(monkeypatch, iters, passes):
+    """``kmeans_max_iter`` defaults to 1 (coremltools: 3) and reaches the engine: one k-means pass per training
+    forward; 3 when asked (``palett_epsilon=0`` so that no early stop hides the count)."""
+    from dkm_palett import dkm_fused
+
+    calls = []
+    kernel = dkm_fused._sums_kernel
+    monkeypatch.setattr(dkm_fused, "_sums_kernel", lambda *a: calls.append(1) or kernel(*a))
+    extra = {} if iters is None else {"kmeans_max_iter": iters}
+    cfg = ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=100, palett_epsilon=0.0, **extra)
+    model = nn.Sequential(nn.Linear(64, 64))
+    DKMPalettizer(model, DKMPalettizerConfig(global_config=cfg)).prepare(inplace=True)
+    calls.clear()  # initialisation may run its own passes
+    model[0].weight.sum().backward()
+    assert len(calls) == passes
+
+
 def test_fused_is_exact_where_the_attention_is_sharp():
     """Weights over [-1, 1] (per-channel scales): most attention terms underflow, the exponential must not."""
     torch.manual_seed(2)

@@ -330,3 +330,20 @@ def test_config_dir_is_a_package_with_every_group():
         assert list((root / group).glob("*.yaml")), group
     names = {p.stem for p in (root / "experiment").glob("*.yaml")}
     assert names == {"digits_cnn", "mnist5k_cnn", "compare", "charlm", "custom"}
+
+
+def test_the_recipes_palettization_defaults_are_the_configs_defaults():
+    """conf/palettization/default.yaml restates ModuleDKMPalettizerConfig's defaults (n_bits aside: the recipes
+    pick 4 bits where the config has no default); a default changed in one place only would make the CLI and the
+    Python API train differently."""
+    import dataclasses
+
+    import yaml
+
+    from dkm_palett import ModuleDKMPalettizerConfig
+
+    named = yaml.safe_load((Path(conf_dir()) / "palettization" / "default.yaml").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(ModuleDKMPalettizerConfig)}
+    checked = {k: v for k, v in named.items() if k in defaults and v is not None and k != "n_bits"}
+    assert {"kmeans_max_iter", "palett_tau", "weight_threshold", "dkm_impl"} <= set(checked)
+    assert {k: defaults[k] for k in checked} == checked
