@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -184,6 +185,15 @@ def val(r, key):
     return None if (r is None or "error" in r) else r.get(key)
 
 
+def median_cell(cells: list) -> dict:
+    """Repeats of one cell (separate processes) -> their medians; the first error if any run failed."""
+    bad = [c for c in cells if "error" in c]
+    if bad or len(cells) == 1:
+        return bad[0] if bad else cells[0]
+    keys = ("step_s", "step_cpu_s", "first_s", "extra_mib")
+    return {**cells[0], **{k: statistics.median(c[k] for c in cells) for k in keys}, "runs": len(cells)}
+
+
 def cmp_table(rows, label):
     """rows: list of (case label, ours result, coremltools result or None, plain result or None)."""
     out = [
@@ -246,6 +256,8 @@ def main():
     ap.add_argument("--ct-cells", default=CT_HEADLINE, type=lambda v: {tuple(map(int, c.split("x"))) for c in v.split(",")},
                     help="coremltools headline cells, d x bits (default %(default)s)")
     ap.add_argument("--skip-extra", action="store_true", help="skip the vector, scaling and palett_max_mem sections")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="headline cells: run each this many times (fresh processes, interleaved), report medians")
     ap.add_argument("--cells", help="JSON-lines file: reuse the cells measured there, append new ones (resume a run)")
     ap.add_argument("--binned-error-from", help="include this saved binned_error.py output instead of re-running it")
     args = ap.parse_args()
@@ -273,28 +285,40 @@ def main():
         # from 4M weights on this machine; a single k-means++ run changes its first step only
         return {"kmeans_init": "kmeans++", "kmeans_opt1d_threshold": 10 ** 6, "kmeans_n_init": 1} if d >= 2048 else {}
 
-    def plain(d, dtype="float32"):
-        return get(("plain", d, dtype), impl="plain", d=d, dtype=dtype)
+    def again(rep):  # repeats of a headline cell: rep 0 is the cell every section shares
+        return {"rep": rep} if rep else {}
 
-    def ours(d, bits=4, cd=1, dtype="float32", **extra):
-        k = ("ours", d, bits, cd, dtype, tuple(sorted(extra.items())))
-        return get(k, impl="ours", d=d, bits=bits, cd=cd, dtype=dtype, extra=extra)
+    def plain(d, dtype="float32", rep=0):
+        return get(("plain", d, dtype, rep), impl="plain", d=d, dtype=dtype, **again(rep))
 
-    def ct(d, bits=4, cd=1):
+    def ours(d, bits=4, cd=1, dtype="float32", rep=0, **extra):
+        k = ("ours", d, bits, cd, dtype, tuple(sorted(extra.items())), rep)
+        return get(k, impl="ours", d=d, bits=bits, cd=cd, dtype=dtype, extra=extra, **again(rep))
+
+    def ct(d, bits=4, cd=1, rep=0):
         if args.no_ct:
             return {"error": "not run (--no-ct)"}
-        return get(("ct", d, bits, cd), impl="coremltools", d=d, bits=bits, cd=cd, extra=ct_init(d),
-                   timeout=CT_TIMEOUT_S)
+        return get(("ct", d, bits, cd, rep), impl="coremltools", d=d, bits=bits, cd=cd, extra=ct_init(d),
+                   timeout=CT_TIMEOUT_S, **again(rep))
 
     sections = []
     head_ds = [1024] if args.quick else [1024, 2048]
     head_bits = [4] if args.quick else [2, 3, 4]
+    def headline_cells(d, b, rep):
+        """(ours, binned, plain, ours at 3 iterations, ct) of one headline row, one repeat."""
+        return (ours(d, bits=b, rep=rep), ours(d, bits=b, dkm_impl="binned", rep=rep), plain(d, rep=rep),
+                ours(d, bits=b, kmeans_max_iter=CT_MAX_ITER, rep=rep),
+                ct(d, bits=b, rep=rep) if (d, b) in args.ct_cells or args.all_ct else {"error": "not run (time)"})
+
+    runs = {}
+    for rep in range(args.repeats):  # repeats outermost: each side's cells spread over the whole run
+        for d in head_ds:
+            for b in head_bits:
+                runs.setdefault((d, b), []).append(headline_cells(d, b, rep))
     rows = []
     for d in head_ds:
         for b in head_bits:
-            o, bn, pl = ours(d, bits=b), ours(d, bits=b, dkm_impl="binned"), plain(d)
-            o3 = ours(d, bits=b, kmeans_max_iter=CT_MAX_ITER)
-            c = ct(d, bits=b) if (d, b) in args.ct_cells or args.all_ct else {"error": "not run (time)"}
+            o, bn, pl, o3, c = (median_cell(list(side)) for side in zip(*runs[(d, b)]))
             rows.append(
                 f"| {d * d / 2**20:.0f}M | {b} | {cell(pl, 'step_s', fs)} | {cell(o, 'step_s', fs)} "
                 f"| {cell(bn, 'step_s', fs)} | {fr(val(bn, 'step_s'), val(o, 'step_s'))} | {cell(o3, 'step_s', fs)} "
@@ -312,7 +336,11 @@ def main():
         f"`kmeans_max_iter={CT_MAX_ITER}`: the same math step for step) and *ct / ours, defaults* (default vs "
         "default: our exact DKM at 1 iteration, theirs at 3). *binned* is the bounded approximation "
         "(`dkm_impl=\"binned\"`, grid from tau and the centroid spacing) at our defaults, for comparison; "
-        "*exact / binned* > 1 means exact is slower.\n\n"
+        "*exact / binned* > 1 means exact is slower. Both DKMs stop iterating once no centroid moves more than "
+        "`palett_epsilon` (1e-4), so a step at 3 iterations runs 1 to 3 of them: all 3 in the first steps after "
+        "initialisation, fewer as the centroids settle. "
+        f"Every cell of this table ran {args.repeats} times, each in a fresh process, the repeats interleaved (every "
+        "cell of the table, then again); each entry is the median over the runs of each run's median step.\n\n"
         "*CPU* columns: CPU time of the step (process time, all threads) at the same settings, less sensitive than "
         "wall time to other jobs on the machine. *first step* and *extra peak*: our defaults.\n\n"
         "| weights | bits | plain step | ours exact (default, 1 iteration) step | ours binned step | exact / binned "
