@@ -125,20 +125,42 @@ def fake_quantize_lut(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128, 
 # ----------------------------------------------------------------------------------------- indices
 
 
-def pack_indices(indices: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Pack integer indices into a little-endian bitstream of uint8 (``ceil(numel * n_bits / 8)`` bytes)."""
-    idx = indices.detach().reshape(-1).to(torch.int64).cpu().numpy()
-    if idx.size and (idx.min() < 0 or idx.max() >= 2 ** n_bits):
+_PACK_CHUNK = 1 << 20  # indices per packing step (a multiple of 8, so every step fills whole bytes)
+
+
+def pack_indices(indices: torch.Tensor, n_bits: int, chunk: int = _PACK_CHUNK) -> torch.Tensor:
+    """Pack integer indices into a little-endian bitstream of uint8 (``ceil(numel * n_bits / 8)`` bytes), index
+    ``i``'s bit ``j`` at stream bit ``i * n_bits + j``. Works ``chunk`` indices at a time, so the bit temporaries
+    stay small whatever the weight's size (one shot, a 65M-weight embedding needed 2 GB of them at 4 bits)."""
+    if chunk <= 0 or chunk % 8:
+        raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}.")
+    idx = indices.detach().reshape(-1).cpu().numpy()
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= 2 ** n_bits):
         raise ValueError(f"indices must lie in [0, {2 ** n_bits - 1}] to pack at {n_bits} bits.")
-    bits = ((idx[:, None] >> np.arange(n_bits)) & 1).astype(np.uint8)
-    return torch.from_numpy(np.packbits(bits.reshape(-1), bitorder="little"))
+    out = np.empty(-(-idx.size * n_bits // 8), dtype=np.uint8)
+    shifts = np.arange(n_bits, dtype=np.int64)
+    for start in range(0, idx.size, chunk):
+        part = idx[start:start + chunk].astype(np.int64)
+        bits = ((part[:, None] >> shifts) & 1).astype(np.uint8)
+        packed = np.packbits(bits.reshape(-1), bitorder="little")
+        first = start * n_bits // 8
+        out[first:first + packed.size] = packed
+    return torch.from_numpy(out)
 
 
-def unpack_indices(packed: torch.Tensor, n_bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_indices`: ``count`` indices as int64."""
-    bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), bitorder="little")[: count * n_bits]
+def unpack_indices(packed: torch.Tensor, n_bits: int, count: int, chunk: int = _PACK_CHUNK) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: ``count`` indices as int64 (``chunk`` at a time, as it packs)."""
+    if chunk <= 0 or chunk % 8:
+        raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}.")
+    data = packed.cpu().numpy().astype(np.uint8, copy=False)
+    out = np.empty(count, dtype=np.int64)
     weights = (1 << np.arange(n_bits)).astype(np.int64)
-    return torch.from_numpy(bits.reshape(count, n_bits).astype(np.int64) @ weights)
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        first = start * n_bits // 8
+        bits = np.unpackbits(data[first:first + -(-n * n_bits // 8)], bitorder="little")[: n * n_bits]
+        out[start:start + n] = bits.reshape(n, n_bits).astype(np.int64) @ weights
+    return torch.from_numpy(out)
 
 
 def nearest_entry(vectors: torch.Tensor, lut: torch.Tensor, max_chunk_elems: int = 2 ** 24) -> torch.Tensor:

@@ -216,3 +216,22 @@ def test_wrong_corrupt_and_version_mismatched_files(tmp_path):
         load_compressed(bad, Net())
     info = json.loads(meta["palettized"])
     assert info["fc.weight"]["n_bits"] == 2 and info["fc.weight"]["shape"] == [8, 16]
+
+
+@pytest.mark.parametrize("n_bits", [1, 2, 3, 4, 6, 8])
+def test_packing_in_chunks_writes_the_one_shot_bitstream(n_bits):
+    """pack_indices works a chunk at a time (bounded temporaries); the bytes must be the one-shot little-endian
+    bitstream (index i's bit j at stream bit i * n_bits + j) for any length, and unpack must invert it."""
+    import numpy as np
+
+    from dkm_palett.lut import pack_indices, unpack_indices
+
+    g = torch.Generator().manual_seed(n_bits)
+    for count in (1, 7, 8, 1000, 1003):
+        idx = torch.randint(0, 2 ** n_bits, (count,), generator=g, dtype=torch.int64)
+        bits = ((idx.numpy()[:, None] >> np.arange(n_bits)) & 1).astype(np.uint8)
+        expected = np.packbits(bits.reshape(-1), bitorder="little")
+        for chunk in (8, 64, 1 << 20):
+            packed = pack_indices(idx.to(torch.uint8), n_bits, chunk=chunk)
+            assert np.array_equal(packed.numpy(), expected)
+            assert torch.equal(unpack_indices(packed, n_bits, count, chunk=chunk), idx)

@@ -408,3 +408,21 @@ def test_dispatcher_errors():
         km.kmeans(torch.randn(10, 3), 2, method="uniform")
     with pytest.raises(ValueError):
         km.kmeans(torch.randn(2, 3, 4), 2)
+
+
+@pytest.mark.parametrize("k", [7, 100])  # the branch-free count (K <= 32) and the binary search
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_centroid_cpu_kernel_matches_brute_force_with_ties_at_any_k(k, dtype):
+    """The numba kernel (CPU float32/float64) keeps the rule of the torch path: exact float64 distances, ties
+    (duplicate centroids, points exactly between two) to the lower original index."""
+    g = torch.Generator().manual_seed(k)
+    c = (torch.randint(-40, 40, (k,), generator=g).double() * 0.25)  # duplicates, exact midpoints on a 1/8 grid
+    x = torch.cat([torch.randn(20000, generator=g, dtype=torch.float64) * 5, torch.arange(-90, 90) / 8.0]).to(dtype)
+    got = km.nearest_centroid(x, c.to(dtype))
+    assert torch.equal(got, brute_nearest(x, c.to(dtype)))
+
+
+def test_nearest_centroid_sends_nan_to_the_largest_centroid_like_searchsorted():
+    c = torch.tensor([0.5, 2.0, -1.0, 2.0])
+    got = km.nearest_centroid(torch.tensor([float("nan"), 1.9]), c)
+    assert got.tolist() == [1, 1]

@@ -88,3 +88,17 @@ def test_plot_without_palettized_weights_says_why():
     palettizer.prepare(inplace=True)
     with pytest.raises(ValueError, match="nothing to plot"):
         palettizer.report().plot()
+
+
+def test_record_stats_counts_the_lut_entries_each_group_uses():
+    """``lut_entries_used_max``: the most distinct indices any one LUT group uses (2 groups of 4 channels here:
+    3 and 5 of 16 entries)."""
+    import torch
+
+    from dkm_palett.lut import PalettizedTensor
+    from dkm_palett.report import record_stats
+
+    indices = torch.tensor([[0, 1, 2] * 4 + [2] * 4, [3, 4, 5, 6, 7] * 3 + [7]], dtype=torch.uint8)
+    record = PalettizedTensor(lut=torch.linspace(-1, 1, 32).reshape(2, 16, 1), indices=indices, shape=(8, 4),
+                              axis=0, group_size=4, n_bits=4)
+    assert record_stats(record, None)["lut_entries_used_max"] == 5

@@ -44,7 +44,8 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, *, max_chunk_elem
 
 
 def _nearest_scalar(x: torch.Tensor, cv: torch.Tensor, out: torch.Tensor, step: int) -> None:
-    """1-D case of :func:`nearest_centroid`: sorted centroids + searchsorted, ties to the lower index."""
+    """1-D case of :func:`nearest_centroid`: sorted centroids + searchsorted, ties to the lower index (float32/64
+    on CPU: the same rule in a numba kernel, :mod:`dkm_palett.kmeans.nearest_kernel`)."""
     kc = cv.shape[0]
     order = torch.argsort(cv, stable=True)
     cs = cv[order]
@@ -53,6 +54,11 @@ def _nearest_scalar(x: torch.Tensor, cv: torch.Tensor, out: torch.Tensor, step: 
     new_group = torch.ones(kc, dtype=torch.bool, device=cv.device)
     new_group[1:] = cs[1:] != cs[:-1]
     first = torch.cummax(torch.where(new_group, pos, torch.zeros_like(pos)), 0).values
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and out.is_contiguous():
+        from dkm_palett.kmeans.nearest_kernel import nearest_scalar_cpu  # numba, imported on first use
+
+        nearest_scalar_cpu(x, cs, first, order, out)  # the same rule in one pass, no temporaries
+        return
     for s in range(0, x.shape[0], step):
         xv = x[s:s + step].to(torch.float64)
         right = torch.searchsorted(cs, xv).clamp_(max=kc - 1)  # first value >= x
