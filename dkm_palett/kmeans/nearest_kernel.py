@@ -1,10 +1,10 @@
 """Scalar nearest-centroid assignment on CPU in one numba pass (finalize and the post-training modes use it).
 
-For every value ``x_i``: a binary search over the sorted centroids, then the exact float64 distances to the two
-neighbours, ties to the lower original index: the rule of the torch path of
-:func:`dkm_palett.kmeans.lloyd.nearest_centroid`, without its dozen full-size float64/int64 temporaries per chunk
-(about 50 ns a value in torch on a 2-core CPU, a few in this loop). Imported on first use, so importing the
-package does not import numba.
+For every value ``x_i``: its position among the sorted centroids (a branch-free count up to 32 centroids, a
+binary search above), then the exact float64 distances to the two neighbours, ties to the lower original index: the
+rule of the torch path of :func:`dkm_palett.kmeans.lloyd.nearest_centroid`, without its dozen full-size
+float64/int64 temporaries per chunk (about 50 ns a value in torch on a 2-core CPU, about 10 in this loop).
+Imported on first use, so importing the package does not import numba.
 """
 
 from __future__ import annotations
@@ -13,15 +13,10 @@ import numba
 import numpy as np
 import torch
 
-
-def _jit(fn):
-    try:
-        return numba.njit(parallel=True, cache=True)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return numba.njit(parallel=True)(fn)
+from dkm_palett.dkm_fused import fused_threads
 
 
-@_jit
+@numba.njit(parallel=True, cache=True)
 def _nearest_sorted(x, cs, first, order, out):
     """``out[i]`` = original index of the centroid nearest ``x[i]``; ``cs`` sorted centroids (float64), ``first`` the
     first sorted position of each run of equal values, ``order`` sorted -> original index. NaN goes to the last
@@ -53,6 +48,6 @@ def _nearest_sorted(x, cs, first, order, out):
 def nearest_scalar_cpu(x: torch.Tensor, cs: torch.Tensor, first: torch.Tensor, order: torch.Tensor,
                        out: torch.Tensor) -> None:
     """Fill ``out`` (int64, CPU) for the float32/float64 CPU values ``x`` (1-D); see :func:`_nearest_sorted`."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    fused_threads()  # torch's thread count, as the DKM kernels
     _nearest_sorted(x.contiguous().numpy(), cs.contiguous().numpy(), first.contiguous().numpy(),
                     order.contiguous().numpy(), out.numpy())
