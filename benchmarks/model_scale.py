@@ -53,7 +53,7 @@ def _palettizer(impl: str, model, bits: int, iters=None):
     extra = {} if iters is None else {"kmeans_max_iter": iters}
     cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=bits, **extra))
     pal = DKMPalettizer(model, cfg)
-    return pal, pal.prepare(inplace=True), cfg.global_config.kmeans_max_iter
+    return pal, pal.prepare(inplace=True)
 
 
 def _end_of_pipeline(pal, model, inputs, out: dict, coreml: bool) -> None:
@@ -103,7 +103,7 @@ def worker(spec: dict) -> dict:
     out: dict = {"params": params, "threads": torch.get_num_threads(), "build_peak_mib": peak_rss_mib()}
     pal = None
     if spec["impl"] != "plain":
-        pal, model, out["kmeans_max_iter"] = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"))
+        pal, model = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     times = []

@@ -304,6 +304,7 @@ def main():
     sections = []
     head_ds = [1024] if args.quick else [1024, 2048]
     head_bits = [4] if args.quick else [2, 3, 4]
+
     def headline_cells(d, b, rep):
         """(ours, binned, plain, ours at 3 iterations, ct) of one headline row, one repeat."""
         return (ours(d, bits=b, rep=rep), ours(d, bits=b, dkm_impl="binned", rep=rep), plain(d, rep=rep),

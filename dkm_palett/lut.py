@@ -128,12 +128,16 @@ def fake_quantize_lut(lut: torch.Tensor, lut_dtype: str, quant_min: int = -128, 
 _PACK_CHUNK = 1 << 20  # indices per packing step (a multiple of 8, so every step fills whole bytes)
 
 
+def _check_chunk(chunk: int) -> None:
+    if chunk <= 0 or chunk % 8:
+        raise ValueError(f"chunk must be a positive multiple of 8 (whole bytes per step), got {chunk}.")
+
+
 def pack_indices(indices: torch.Tensor, n_bits: int, chunk: int = _PACK_CHUNK) -> torch.Tensor:
     """Pack integer indices into a little-endian bitstream of uint8 (``ceil(numel * n_bits / 8)`` bytes), index
     ``i``'s bit ``j`` at stream bit ``i * n_bits + j``. Works ``chunk`` indices at a time, so the bit temporaries
     stay small whatever the weight's size (one shot, a 65M-weight embedding needed 2 GB of them at 4 bits)."""
-    if chunk <= 0 or chunk % 8:
-        raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}.")
+    _check_chunk(chunk)
     idx = indices.detach().reshape(-1).cpu().numpy()
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= 2 ** n_bits):
         raise ValueError(f"indices must lie in [0, {2 ** n_bits - 1}] to pack at {n_bits} bits.")
@@ -150,8 +154,7 @@ def pack_indices(indices: torch.Tensor, n_bits: int, chunk: int = _PACK_CHUNK) -
 
 def unpack_indices(packed: torch.Tensor, n_bits: int, count: int, chunk: int = _PACK_CHUNK) -> torch.Tensor:
     """Inverse of :func:`pack_indices`: ``count`` indices as int64 (``chunk`` at a time, as it packs)."""
-    if chunk <= 0 or chunk % 8:
-        raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}.")
+    _check_chunk(chunk)
     data = packed.cpu().numpy().astype(np.uint8, copy=False)
     out = np.empty(count, dtype=np.int64)
     weights = (1 << np.arange(n_bits)).astype(np.int64)
