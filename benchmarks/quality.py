@@ -50,6 +50,7 @@ VARIANTS = {
     "post-training": ("reference", {}),
     "coremltools": ("coremltools", {}),
     "ours": ("ours", {}),
+    "ours-sensitivity": ("ours", {"sensitivity_weighted": True}),  # the defaults plus sensitivity_weighted=True
     "ours-iter-3": ("ours", ITER_3),  # coremltools' default: 3 k-means iterations a step (twice the passes of 1)
     "ours-no-levers": ("ours", {**ITER_3, "finalize_lut": "dkm", "hard_fraction": 0.0}),
     "ours-hard-0.5": ("ours", {**ITER_3, "hard_fraction": 0.5}),
@@ -285,8 +286,10 @@ TABLE_NOTE = (
     "Before = the validation loss through the trained model's palettization layers in training mode (DKM's soft\n"
     'forward); after = the finalized `LUT[indices]` model. Means ± sample std over seeds; "- coremltools" is paired per\n'
     'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`, `kmeans_max_iter=1`: one k-means iteration a\n'
-    "training step), `ours-iter-3` = `kmeans_max_iter=3` (coremltools' default, and ours before 2026-12-06: twice the\n"
-    'passes). The lever rows run 3 iterations too: `ours-no-levers` = `finalize_lut="dkm"`, `ours-hard-F` =\n'
+    "training step), `ours-sensitivity` = the defaults and `sensitivity_weighted=True` (the centroid update and the\n"
+    "finalize means weighted by each weight's running squared gradient), `ours-iter-3` = `kmeans_max_iter=3`\n"
+    "(coremltools' default, and ours before 2026-12-06: twice the passes). The lever rows run 3 iterations too:\n"
+    '`ours-no-levers` = `finalize_lut="dkm"`, `ours-hard-F` =\n'
     '`hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through gradient; 1.0 =\n'
     'every step), `ours-mixed-2.5` = `plan_bits(average_bits=2.5)` over 2/3/4 bits (8 training batches for the\n'
     "sensitivities; the row's `bits` is unused, every layer gets its planned width). `post-training` = exact 1-D\n"

@@ -13,6 +13,7 @@ Nothing per weight is kept for backward: the bin index and fraction of each weig
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -145,12 +146,25 @@ def _value_index(x: torch.Tensor, dtype: torch.dtype, remap: torch.Tensor) -> to
     return (remap[_value_codes(x, dtype)] + torch.arange(x.shape[0], device=x.device).unsqueeze(1) * u).reshape(-1)
 
 
+def _replay_values(tab: torch.Tensor, dtype: torch.dtype, remap: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The output ``(G, N, 1)`` of the exact (fp16/bf16) binned DKM at ``x (G, N, 1)``: each weight's
+    distinct-value entry of ``tab``."""
+    return tab.reshape(-1)[_value_index(x[..., 0], dtype, remap)].reshape(x.shape)
+
+
+def _replay_grid(grid: _Grid, tab: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The output ``(G, N, 1)`` of the grid binned DKM at ``x (G, N, 1)``: ``tab`` interpolated at each weight."""
+    return grid.interpolate(x[..., 0], tab).unsqueeze(-1)
+
+
 class BinnedDKM(torch.autograd.Function):
     """Scalar DKM on a histogram of the weights (see the module docstring). ``x`` is ``(G, N, 1)``.
 
     ``exact_dtype`` (torch.float16 / torch.bfloat16): the weights are values of that dtype, so bins hold one
     distinct value each and the result is exact. Otherwise a uniform grid of ``bins`` points with linear
-    binning and linear interpolation (:func:`grid_points` gives the grid for the error bound)."""
+    binning and linear interpolation (:func:`grid_points` gives the grid for the error bound). ``ctx.replay(x)``
+    rebuilds the output from the weights with the per-bin table only (no histogram, no k-means): one O(N) pass of
+    the forward's own operations, so bit-identical (recompute.py calls it in backward)."""
 
     @staticmethod
     def forward(ctx, x, c0, p: DKMParams, bins: int, exact_dtype: Optional[torch.dtype] = None, rows: int = 1 << 16):
@@ -163,7 +177,8 @@ class BinnedDKM(torch.autograd.Function):
             engine = PointDKM(e, counts, counts.unsqueeze(-1) * e, p, rows)
             c = engine.run(c0.detach().to(f64))
             tab = engine.table()[..., 0].to(xd.dtype)
-            out = tab.reshape(-1)[_value_index(xd, exact_dtype, remap)].reshape(xd.shape)
+            ctx.replay = functools.partial(_replay_values, tab, exact_dtype, remap)
+            out = ctx.replay(x.detach())
             ctx.state = (engine, (exact_dtype, remap), None)
         else:
             grid = _Grid(xd, bins)
@@ -171,12 +186,13 @@ class BinnedDKM(torch.autograd.Function):
             engine = PointDKM(grid.compact(grid.points).unsqueeze(-1), h0, h1.unsqueeze(-1), p, rows)
             c = engine.run(c0.detach().to(f64))
             tab = grid.expand(engine.table()[..., 0])
-            out = grid.interpolate(xd, tab)
+            ctx.replay = functools.partial(_replay_grid, grid, tab)
+            out = ctx.replay(x.detach())
             ctx.state = (engine, grid, tab)
         ctx.save_for_backward(x)
         c = c.to(xd.dtype)
         ctx.mark_non_differentiable(c)
-        return out.unsqueeze(-1), c
+        return out, c
 
     @staticmethod
     def backward(ctx, g_out, _g_c):

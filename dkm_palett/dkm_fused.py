@@ -17,6 +17,9 @@ in a fixed order, so results do not depend on the thread count.
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import numba
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from dkm_palett.dkm_math import DKMParams, finish_update, quantized, update_backward
+from dkm_palett.dkm_sensitivity import Sensitivity, kernel_weights
 
 BLOCK = 512  # points per block (the (K, BLOCK) rows stay in L2; 512 measured faster than 128-256: fewer loop set-ups)
 CHUNK = 64 * BLOCK  # points per work item (fixed, so the summation order is fixed)
@@ -122,6 +126,13 @@ def _attention(xs, n, c, tau, lam, a, r, m, tot):
             ak[i] *= tot[i]
 
 
+@numba.njit(inline="always", fastmath=_FAST)
+def _point_weights(om, om_floor, n, tot):
+    """``tot[:n] *= om[:n] + om_floor``: the block's normalisers times its point weights."""
+    for i in range(n):
+        tot[i] *= om[i] + om_floor
+
+
 def _scratch(k):
     return (np.empty((k, BLOCK), np.float32), np.empty((k, BLOCK), np.float32), np.empty(BLOCK, np.float32),
             np.empty(BLOCK, np.float32))
@@ -131,9 +142,10 @@ _scratch = numba.njit(inline="always")(_scratch)
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _sums_kernel(x, c, tau, lam, s_out, z_out):
+def _sums_kernel(x, c, tau, lam, om, om_floor, weighted, s_out, z_out):
     """One k-means iteration's sums per work item: ``s[k] = sum_i w_ik x_i``, ``z[k] = sum_i w_ik`` with
-    ``w = a`` (times ``r`` with palett_lambda). ``s_out``, ``z_out``: ``(G * items, K)`` float64."""
+    ``w = a`` (times ``r`` with palett_lambda; times the point weight ``om[g, i] + om_floor[g]`` when ``weighted``,
+    otherwise ``om`` is not read). ``s_out``, ``z_out``: ``(G * items, K)`` float64."""
     groups, n = x.shape
     k_n = c.shape[1]
     items = (n + CHUNK - 1) // CHUNK
@@ -147,6 +159,8 @@ def _sums_kernel(x, c, tau, lam, s_out, z_out):
             nb = min(BLOCK, n - b0)
             xs = x[g, b0:b0 + nb]
             _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
+            if weighted:  # the point weights fold into the normaliser: no extra work per centroid
+                _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, tot)
             for i in range(nb):
                 wx[i] = xs[i] * tot[i]
             for k in range(k_n):
@@ -200,11 +214,12 @@ def _table_kernel(x, c, cq, tau, out, sq_out):
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _grad_attention(a, r, tot, ys, nb, alpha, beta, gs, lam, table, dot, g_direct, acc_a):
+def _grad_attention(a, r, tot, totw, ys, nb, alpha, beta, gs, lam, table, dot, g_direct, acc_a):
     """One block of the backward, step 1, from the unnormalised terms ``a`` and ``tot`` = one over their sum:
     ``dot = sum_k w_k dL/dw_k`` with ``dL/dw_k = alpha_k + beta_k y`` (times ``r_k`` with palett_lambda); adds
     ``x``'s direct share ``sum_k w_k gs_k`` (iterations) into ``g_direct`` and ``w_k y`` (the table: the LUT's
-    gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the group's rows."""
+    gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the group's rows. ``totw`` is ``tot`` times the point
+    weights of a weighted iteration (``tot`` itself otherwise): ``x``'s direct share carries its weight."""
     dot[:nb] = 0
     g_direct[:nb] = 0
     for k in range(a.shape[0]):
@@ -213,7 +228,7 @@ def _grad_attention(a, r, tot, ys, nb, alpha, beta, gs, lam, table, dot, g_direc
         if lam > 0:
             for i in range(nb):
                 w = ak[i] * tot[i]
-                g_direct[i] += w * rk[i] * gsk
+                g_direct[i] += ak[i] * totw[i] * rk[i] * gsk
                 dot[i] += w * (al + be * ys[i]) * rk[i]
         elif table:
             for i in range(nb):
@@ -222,52 +237,55 @@ def _grad_attention(a, r, tot, ys, nb, alpha, beta, gs, lam, table, dot, g_direc
                 dot[i] += w * (al + be * ys[i])
         else:
             for i in range(nb):
-                w = ak[i] * tot[i]
-                g_direct[i] += w * gsk
-                dot[i] += w * (al + be * ys[i])
+                g_direct[i] += ak[i] * totw[i] * gsk
+                dot[i] += ak[i] * tot[i] * (al + be * ys[i])
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _grad_logits(a, r, tot, xs, ys, nb, c, alpha, beta, lam, dot, g_dist, acc_c):
+def _grad_logits(a, r, totw, xs, ys, nb, c, alpha, beta, lam, dot, g_dist, acc_c):
     """One block of the backward, step 2: the logits' gradient ``G_k = w_k (dL/dw_k - dot)`` (plus palett_lambda's
     term), recomputed per centroid rather than kept, and ``G_k (x - c_k)`` summed over k into ``g_dist`` and per
-    centroid into ``acc_c``. ``c``/``alpha``/``beta``: the group's rows."""
+    centroid into ``acc_c``. ``c``/``alpha``/``beta``: the group's rows. A weighted iteration's ``G`` carries the
+    point weight (every ``dL/dw_k`` does), through ``totw``."""
     g_dist[:nb] = 0
     for k in range(a.shape[0]):
         ak, rk, ck, accc = a[k], r[k], c[k], acc_c[k]
         al, be = alpha[k], beta[k]
         if lam > 0:
             for i in range(nb):
-                w, gw = ak[i] * tot[i], al + be * ys[i]
+                w, gw = ak[i] * totw[i], al + be * ys[i]
                 gl = w * (gw * rk[i] - dot[i]) + lam * w * rk[i] * rk[i] * gw
                 gl_diff = gl * (xs[i] - ck)
                 g_dist[i] += gl_diff
                 accc[i] += gl_diff
         else:
             for i in range(nb):
-                gl_diff = ak[i] * tot[i] * ((al + be * ys[i]) - dot[i]) * (xs[i] - ck)
+                gl_diff = ak[i] * totw[i] * ((al + be * ys[i]) - dot[i]) * (xs[i] - ck)
                 g_dist[i] += gl_diff
                 accc[i] += gl_diff
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_out):
+def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, om, om_floor, weighted, gx, gc_out, ga_out):
     """Backward of one pass through the attention ``a(x; c)`` (times ``r`` with palett_lambda), for an upstream
     gradient on the weights ``dL/dw[i, k] = alpha_k + beta_k y_i``:
 
     * the output table (``table=True``): ``y = dL/dout``, ``beta = LUT``, ``alpha = 0``; also
       ``ga_out[k] = sum_i a_ik y_i`` (the LUT's gradient);
     * an iteration (``table=False``): ``y = x``, ``(alpha, beta) = (dL/dz, dL/ds)``, and ``x``'s direct share
-      ``sum_k w_ik gs_k`` of ``s = sum_i w_i x_i``.
+      ``sum_k w_ik gs_k`` of ``s = sum_i w_i x_i``; ``weighted``: every point's terms times its weight
+      ``om[g, i] + om_floor[g]`` (as in :func:`_sums_kernel`).
 
-    Adds ``dL/dx`` into ``gx (G, N)`` (the table pass, which runs first, writes it); writes ``sum_i G_ik (x_i - c_k)`` per work item into ``gc_out``, where
-    ``G = dL/dlogits`` (``dL/dc = 2 / tau`` times it)."""
+    Adds ``dL/dx`` into ``gx (G, N)`` (the table pass, which runs first, writes it); writes
+    ``sum_i G_ik (x_i - c_k)`` per work item into ``gc_out``, where ``G = dL/dlogits`` (``dL/dc = 2 / tau`` times
+    it)."""
     groups, n = x.shape
     k_n = c.shape[1]
     items = (n + CHUNK - 1) // CHUNK
     for job in numba.prange(groups * items):
         g, lo = job // items, (job % items) * CHUNK
         a, r, m, tot = _scratch(k_n)
+        totw = np.empty(BLOCK, np.float32) if weighted else tot
         dot = np.empty(BLOCK, np.float32)
         g_direct = np.empty(BLOCK, np.float32)
         g_dist = np.empty(BLOCK, np.float32)
@@ -277,8 +295,11 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, gx, gc_out, ga_o
             nb = min(BLOCK, n - b0)
             xs, ys = x[g, b0:b0 + nb], y[g, b0:b0 + nb]
             _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
-            _grad_attention(a, r, tot, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct, acc_a)
-            _grad_logits(a, r, tot, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
+            if weighted:
+                totw[:nb] = tot[:nb]
+                _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, totw)
+            _grad_attention(a, r, tot, totw, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct, acc_a)
+            _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
             out = gx[g, b0:b0 + nb]
             if table:  # the first backward pass: gx starts here (uninitialised, not zeroed: one pass less)
                 for i in range(nb):
@@ -311,8 +332,8 @@ def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMP
     in float64): one pass over the weights.
 
     :class:`FusedDKM` makes its output with this, from its last iteration's centroids ``c_prev (G, K)`` and the
-    (quantized) final ones ``cq (G, K)``, so calling it again with its ``table_inputs`` rebuilds the output
-    bit-identically at half a ``kmeans_max_iter=1`` forward's cost (recompute.py)."""
+    (quantized) final ones ``cq (G, K)``, so calling it again (its ``replay``) rebuilds the output bit-identically
+    at half a ``kmeans_max_iter=1`` forward's cost (recompute.py)."""
     fused_threads()
     out = torch.empty(x.shape[:2], dtype=torch.float32)
     sq = np.empty(x.shape[0] * -(-x.shape[1] // CHUNK))
@@ -321,21 +342,27 @@ def fused_table(x: torch.Tensor, c_prev: torch.Tensor, cq: torch.Tensor, p: DKMP
     return out.unsqueeze(-1), float(sq.sum())
 
 
+def _replay_table(c_prev: torch.Tensor, cq: torch.Tensor, p: DKMParams, x: torch.Tensor) -> torch.Tensor:
+    return fused_table(x, c_prev, cq, p)[0]
+
+
 class FusedDKM(torch.autograd.Function):
     """Exact scalar DKM (``x (G, N, 1)`` float32 on CPU, ``palett_mode="dkm"``) in fused kernels; the same results
-    as :class:`dkm_palett.dkm_math.DenseDKM` up to float32 rounding. Saves only ``x`` for backward."""
+    as :class:`dkm_palett.dkm_math.DenseDKM` up to float32 rounding. Saves only ``x`` for backward (and reads a
+    :class:`Sensitivity`'s estimate in place: it stays fixed until the step ends)."""
 
     @staticmethod
-    def forward(ctx, x, c0, p: DKMParams):
+    def forward(ctx, x, c0, p: DKMParams, sens: Optional[Sensitivity] = None):
         fused_threads()
         xs = x.detach()[..., 0].contiguous().numpy()
+        om = kernel_weights(sens, xs)
         groups = xs.shape[0]
         items = groups * -(-xs.shape[1] // CHUNK)
         tau, lam = np.float32(p.tau), np.float32(p.lam)
         cs, sums = [c0.detach()[..., 0].contiguous()], []
         for _ in range(p.max_iter):
             s_parts, z_parts = np.empty((items, cs[-1].shape[1])), np.empty((items, cs[-1].shape[1]))
-            _sums_kernel(xs, cs[-1].numpy(), tau, lam, s_parts, z_parts)
+            _sums_kernel(xs, cs[-1].numpy(), tau, lam, *om, s_parts, z_parts)
             s, z = _per_group(s_parts, groups), _per_group(z_parts, groups)
             c_prev = cs[-1].double().unsqueeze(-1)
             c_new = finish_update(s.unsqueeze(-1), z, c_prev, p)[..., 0].to(x.dtype)
@@ -348,9 +375,9 @@ class FusedDKM(torch.autograd.Function):
         ctx.save_for_backward(x)
         #: ``sum((out - x)^2)``, for the layer's ``last_error`` without another pass over the weights
         ctx.sq_error = sq_error
-        ctx.state = (cs, sums, cq, p)
-        #: what :func:`fused_table` needs to rebuild ``out`` (recompute in backward): ``K`` numbers per LUT
-        ctx.table_inputs = (cs[-2], cq)
+        ctx.state = (cs, sums, cq, p, sens)
+        #: rebuilds ``out`` from the weights (recompute in backward) with one output pass: ``K`` numbers per LUT
+        ctx.replay = functools.partial(_replay_table, cs[-2], cq, p)
         c = cs[-1].unsqueeze(-1)
         ctx.mark_non_differentiable(c)
         return out, c
@@ -359,9 +386,10 @@ class FusedDKM(torch.autograd.Function):
     def backward(ctx, g_out, _g_c):
         fused_threads()
         (x,) = ctx.saved_tensors
-        cs, sums, cq, p = ctx.state
+        cs, sums, cq, p, sens = ctx.state
         ctx.state = None
         xs = x.detach()[..., 0].contiguous().numpy()
+        om = kernel_weights(sens, xs)
         groups, k_n = cs[0].shape
         items = groups * -(-xs.shape[1] // CHUNK)
         tau, lam = np.float32(p.tau), np.float32(p.lam)
@@ -369,8 +397,8 @@ class FusedDKM(torch.autograd.Function):
         zeros = np.zeros((groups, k_n), np.float32)
         gc_parts, ga_parts = np.empty((items, k_n)), np.empty((items, k_n))
         g = g_out[..., 0].contiguous().to(x.dtype).numpy()
-        _backward_kernel(xs, g, cs[-2].numpy(), zeros, cq.numpy(), zeros, tau, np.float32(0.0), True, gx,
-                         gc_parts, ga_parts)
+        _backward_kernel(xs, g, cs[-2].numpy(), zeros, cq.numpy(), zeros, tau, np.float32(0.0), True, xs,
+                         om[1], False, gx, gc_parts, ga_parts)
         g_c = _per_group(ga_parts, groups)  # the LUT's gradient passes straight through its rounding
         g_table_prev = _per_group(gc_parts, groups) * (2.0 / p.tau)
         for t in range(len(sums) - 1, -1, -1):
@@ -378,8 +406,10 @@ class FusedDKM(torch.autograd.Function):
             g_s, g_z, g_prev = update_backward(g_c.unsqueeze(-1), s.unsqueeze(-1), z, cs[t + 1].double().unsqueeze(-1),
                                                p)
             _backward_kernel(xs, xs, cs[t].numpy(), g_z[..., 0].float().numpy(), g_s[..., 0].float().numpy(),
-                             g_s[..., 0].float().numpy(), tau, lam, False, gx, gc_parts, ga_parts)
+                             g_s[..., 0].float().numpy(), tau, lam, False, *om, gx, gc_parts, ga_parts)
             g_c = g_prev[..., 0] + _per_group(gc_parts, groups) * (2.0 / p.tau)
             if t == len(sums) - 1:
                 g_c = g_c + g_table_prev
-        return torch.from_numpy(gx).unsqueeze(-1), None, None
+        if sens is not None:
+            sens.record(g_out)
+        return torch.from_numpy(gx).unsqueeze(-1), None, None, None

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from dkm_palett.dkm_sensitivity import Sensitivity
 from dkm_palett.lut import fake_quantize_lut
 
 
@@ -111,14 +112,18 @@ def _noise_seed(p: DKMParams, iteration: int, start: int) -> Optional[int]:
 # --------------------------------------------------------------------------------------- reference
 
 
-def dkm_reference(x: torch.Tensor, c0: torch.Tensor, p: DKMParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Straightforward DKM with plain autograd. Returns ``(output (G,N,D), final centroids (G,K,D))``."""
+def dkm_reference(x: torch.Tensor, c0: torch.Tensor, p: DKMParams,
+                  point_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straightforward DKM with plain autograd. Returns ``(output (G,N,D), final centroids (G,K,D))``.
+    ``point_weights (G,N,1)``: constant weights of the centroid update (:class:`Sensitivity`)."""
     c = c0.detach()
     a = None
     for t in range(p.max_iter):
         lg = logits(x, c, p.tau)
         a = attention(lg, p, _noise_seed(p, t, 0))
         aw = a * robust_weights(lg, p.lam) if p.lam > 0 else a
+        if point_weights is not None:
+            aw = aw * point_weights
         c_new = finish_update(aw.transpose(1, 2) @ x, aw.sum(1), c, p)
         done = (c_new - c).abs().max().item() < p.epsilon
         c = c_new
@@ -317,20 +322,27 @@ class PointDKM:
 
 class DenseDKM(torch.autograd.Function):
     """Exact DKM on every weight vector, in chunks of ``rows``. The backward reuses the forward's attention
-    when it fits in ``cache_bytes``, and otherwise recomputes it chunk by chunk."""
+    when it fits in ``cache_bytes``, and otherwise recomputes it chunk by chunk. With a :class:`Sensitivity` the
+    points carry its weights (``h0 = om``, ``h1 = om x``)."""
 
     @staticmethod
-    def forward(ctx, x, c0, p: DKMParams, rows: int, cache_bytes: float = 0.0):
-        engine = PointDKM(x.detach(), None, None, p, rows, cache_bytes)
+    def forward(ctx, x, c0, p: DKMParams, rows: int, cache_bytes: float = 0.0, sens: Optional[Sensitivity] = None):
+        xd = x.detach()
+        om = sens.weights().to(xd.dtype) if sens is not None and sens.active else None
+        engine = PointDKM(xd, None if om is None else om[..., 0], None if om is None else om * xd, p, rows,
+                          cache_bytes)
         c = engine.run(c0.detach())
         out = engine.table()
-        ctx.engine = engine
+        ctx.engine, ctx.om, ctx.sens = engine, om, sens
         ctx.mark_non_differentiable(c)
         return out, c
 
     @staticmethod
     def backward(ctx, g_out, _g_c):
-        engine = ctx.engine
-        ctx.engine = None
-        _, _, g_own, g_iter = engine.backward(g_out, want_e=True)
-        return g_own + g_iter, None, None, None, None
+        engine, om, sens = ctx.engine, ctx.om, ctx.sens
+        ctx.engine = ctx.om = ctx.sens = None
+        _, g_h1, g_own, g_iter = engine.backward(g_out, want_e=True)
+        g_x = g_own + g_iter if om is None else g_own + g_iter + om * g_h1  # x reaches h1 = om x too
+        if sens is not None:
+            sens.record(g_out)
+        return g_x, None, None, None, None, None

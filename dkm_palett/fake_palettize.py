@@ -16,6 +16,7 @@ from dkm_palett.kmeans.histogram import histogram_points
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.dkm_binned import BinnedDKM, grid_points
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
+from dkm_palett.dkm_sensitivity import Sensitivity
 from dkm_palett.layer_settings import DKMLayerSettings
 from dkm_palett.lut import (
     PalettizedTensor,
@@ -74,6 +75,12 @@ class FakePalettize(nn.Module):
         self.register_buffer("zero_index", torch.tensor(-1 if zero_index is None else zero_index))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_error", torch.tensor(float("nan")))
+        if settings.sensitivity_weighted:  # dkm_palett.dkm_sensitivity: 8 bytes a weight
+            points = (n_groups, math.prod(self.shape) // n_groups // spec.cluster_dim, 1)
+            self.register_buffer("sensitivity_estimate", torch.zeros(points))
+            self.register_buffer("sensitivity_pending", torch.zeros(points))
+            self.register_buffer("sensitivity_floor", torch.zeros(n_groups))
+            self.register_buffer("sensitivity_folds", torch.tensor(0, dtype=torch.int64))
         self._seed = zlib.crc32(name.encode())
         self.init_progress: Optional[LayerProgress] = None  # set by DKMPalettizer: one bar over the layers' inits
         #: palett_max_mem's budget; DKMPalettizer.prepare gives all layers of a model the same one
@@ -96,6 +103,20 @@ class FakePalettize(nn.Module):
             lam=cfg.palett_lambda, zero_index=None if zi < 0 else zi, lut_dtype=self.spec.lut_dtype,
             quant_min=cfg.quant_min, quant_max=cfg.quant_max, seed=self._seed + int(self.steps),
         )
+
+    def sensitivity(self) -> Optional[Sensitivity]:
+        """The centroid-update weights (``sensitivity_weighted``), or None."""
+        if not self.settings.sensitivity_weighted:
+            return None
+        return Sensitivity(self.sensitivity_estimate, self.sensitivity_floor, self.sensitivity_pending,
+                           active=int(self.sensitivity_folds) > 0)
+
+    @torch.no_grad()
+    def fold_sensitivity(self) -> None:
+        """Once a training step (``DKMPalettizer.step()``): fold this step's squared gradients into the estimate."""
+        if self.settings.sensitivity_weighted:
+            Sensitivity.fold(self.sensitivity_estimate, self.sensitivity_pending, self.sensitivity_floor,
+                             self.sensitivity_folds)
 
     def _prepare_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Prune, scale and regroup the weight into ``(G, N, D)`` float32 vectors (differentiable)."""
@@ -130,10 +151,12 @@ class FakePalettize(nn.Module):
             return "dense", 0
         if cfg.dkm_impl == "dense":
             return exact, 0
-        if self._exact_dtype(weight) is not None:
+        if self._exact_dtype(weight) is not None and not cfg.sensitivity_weighted:
             return "binned", 0
         if cfg.dkm_impl == "auto" and exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
             return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
+        if cfg.sensitivity_weighted:  # the binned DKM has no per-weight update weights
+            return exact, 0
         bins = grid_points(x[..., 0], c0, cfg.palett_tau)
         if cfg.dkm_impl == "binned":
             cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
@@ -248,8 +271,8 @@ class FakePalettize(nn.Module):
             self.last_error.fill_(_rms_difference(out, x) if sq_error is None else math.sqrt(sq_error / x.numel()))
         result = self._finish_output(out, scale, weight.dtype)
         if self.recompute and torch.is_grad_enabled() and result.requires_grad:
-            table = getattr(out.grad_fn, "table_inputs", None)  # fused: rebuild from the last centroids only
-            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice, table))
+            replay = getattr(out.grad_fn, "replay", None)  # fused, binned: the output pass only, from the weight
+            recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice, replay))
         return result
 
     def _snap(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,21 +303,19 @@ class FakePalettize(nn.Module):
         if name == "fused":
             from dkm_palett.dkm_fused import FusedDKM  # numba: imported (and compiled, or loaded from cache) on use
 
-            return FusedDKM.apply(x, c0, p)
+            return FusedDKM.apply(x, c0, p, self.sensitivity())
         if name == "binned":
             return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows)
-        return DenseDKM.apply(x, c0, p, rows, budget)
+        return DenseDKM.apply(x, c0, p, rows, budget, self.sensitivity())
 
     def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, choice,
-                table=None) -> torch.Tensor:
+                replay=None) -> torch.Tensor:
         """The training output of :meth:`_palettize` again, from the same weight and centroids (no updates): the
         saved-tensor hooks of :mod:`dkm_palett.recompute` call it in backward instead of keeping the output. With
-        the fused engine's ``table_inputs`` only the output pass runs again (not the k-means iterations)."""
+        the engine's ``replay`` (fused and binned) only the output pass runs again (not the k-means iterations)."""
         x, scale = self._prepare_input(weight.detach())
-        if table is not None:
-            from dkm_palett.dkm_fused import fused_table
-
-            out, _ = fused_table(x, *table, p)
+        if replay is not None:
+            out = replay(x)
         else:
             out, _ = self._dkm(x, c0, p, rows, 0.0, choice, weight)
         return self._finish_output(out, scale, weight.dtype)
@@ -307,9 +328,9 @@ class FakePalettize(nn.Module):
         step, the best LUT for that assignment; :func:`dkm_palett.schedule.cluster_means`). Leaves the state alone."""
         if not (self.settings.finalize_lut == "mean" if mean is None else mean):
             return self.centroids
-        zi, cfg = int(self.zero_index), self.settings
+        zi, cfg, sens = int(self.zero_index), self.settings, self.sensitivity()
         return cluster_means(x, self.centroids, None if zi < 0 else zi, self.spec.lut_dtype, cfg.quant_min,
-                             cfg.quant_max)
+                             cfg.quant_max, sens.weights() if sens is not None and sens.active else None)
 
     @torch.no_grad()
     def to_palettized(self, weight: torch.Tensor) -> PalettizedTensor:

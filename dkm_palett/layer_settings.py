@@ -37,6 +37,7 @@ class DKMLayerSettings:
     total_steps: Optional[int]
     hard_fraction: float
     finalize_lut: str
+    sensitivity_weighted: bool
 
     @classmethod
     def from_config(cls, config: ModuleDKMPalettizerConfig) -> "DKMLayerSettings":

@@ -100,8 +100,10 @@ class DKMPalettizer:
     # ------------------------------------------------------------------------------------ step
     def step(self) -> None:
         """Count one training step; layers whose ``milestone`` is reached start palettizing, layers in the hard phase
-        (``hard_fraction``, see dkm_palett.schedule) move their LUT to the means of their clusters."""
+        (``hard_fraction``, see dkm_palett.schedule) move their LUT to the means of their clusters, and with
+        ``sensitivity_weighted`` each layer folds the step's squared gradients into its estimate."""
         for _, module, param_name, fp in fake_palettizers(self.model):
+            fp.fold_sensitivity()
             if fp.hard and bool(fp.enabled):
                 fp.advance(getattr(module.parametrizations, param_name).original)
         self.step_count += 1

@@ -33,22 +33,26 @@ def hard_phase(config, step: int, total_steps: Optional[int]) -> bool:
 
 @torch.no_grad()
 def cluster_means(x: torch.Tensor, centroids: torch.Tensor, zero_index: Optional[int], lut_dtype: str,
-                  quant_min: int = -128, quant_max: int = 127) -> torch.Tensor:
+                  quant_min: int = -128, quant_max: int = 127, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One Lloyd step: assign ``x (G, N, D)`` to the nearest stored-dtype entry of ``centroids (G, K, D)``, return
-    each cluster's mean (an empty cluster and the pinned zero entry keep their value). One step, not Lloyd to
-    convergence: on a smooth 1-D weight distribution that drifts the LUT far from what the model was trained with."""
+    each cluster's mean (an empty cluster and the pinned zero entry keep their value); with ``weights (G, N, 1)``
+    (``sensitivity_weighted``) the weighted mean. One step, not Lloyd to convergence: on a smooth 1-D weight
+    distribution that drifts the LUT far from what the model was trained with."""
     lut = round_lut(centroids, lut_dtype, quant_min, quant_max).to(x.device, torch.float32)
-    return _means(x, nearest_entry(x.float(), lut), centroids, zero_index)
+    return _means(x, nearest_entry(x.float(), lut), centroids, zero_index, weights)
 
 
-def _means(x: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor, zero_index: Optional[int]) -> torch.Tensor:
-    """Each cluster's mean in float64 (``idx (G, N)``: the assignment), as ``centroids``' dtype and device."""
+def _means(x: torch.Tensor, idx: torch.Tensor, centroids: torch.Tensor, zero_index: Optional[int],
+           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each cluster's (weighted) mean in float64 (``idx (G, N)``: the assignment), as ``centroids``' dtype and
+    device."""
     groups, k, dim = centroids.shape
+    w = None if weights is None else weights.to(x.device, torch.float64)
     sums = torch.zeros(groups, k, dim, dtype=torch.float64, device=x.device)
-    sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, dim), x.double())
+    sums.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, dim), x.double() if w is None else x.double() * w)
     counts = torch.zeros(groups, k, dtype=torch.float64, device=x.device)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    out = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1),
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64) if w is None else w[..., 0])
+    out = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-1),
                       centroids.to(x.device, torch.float64))
     if zero_index is not None:
         out[:, zero_index] = 0

@@ -108,6 +108,28 @@ def test_fused_recompute_runs_only_the_output_pass(monkeypatch):
     assert on["_table_kernel"] == off["_table_kernel"] + replays
 
 
+def test_binned_recompute_runs_only_the_output_pass(monkeypatch):
+    """The binned engine's replay interpolates the forward's per-bin table again: no histogram and no k-means
+    again in backward (the values: test_recomputed_weight_is_bit_identical_to_stored)."""
+    from dkm_palett import dkm_binned
+
+    counts = {"moments": 0, "interpolate": 0}
+    for name in counts:
+        method = getattr(dkm_binned._Grid, name)
+        monkeypatch.setattr(dkm_binned._Grid, name, lambda self, *a, _m=method, _n=name: counts.__setitem__(
+            _n, counts[_n] + 1) or _m(self, *a))
+    per_mode = {}
+    for recompute_on in (True, False):
+        counts.update(moments=0, interpolate=0)
+        calls: list = []
+        _train(CONFIGS["binned"], recompute_on, steps=2, calls=calls if recompute_on else None)
+        per_mode[recompute_on] = (dict(counts), len(calls))
+    (on, replays), (off, _) = per_mode[True], per_mode[False]
+    assert replays == 2 * 5
+    assert on["moments"] == off["moments"] > 0
+    assert on["interpolate"] == off["interpolate"] + replays
+
+
 def test_stored_path_keeps_one_weight_copy_per_layer_and_recompute_keeps_none(monkeypatch):
     """What autograd keeps between forward and backward: with recompute no saved tensor of a palettized weight's
     shape (the saved views of W_p become Replays); the stored path keeps one per Linear/Conv/attention weight."""

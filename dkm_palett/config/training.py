@@ -37,6 +37,11 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     LUTs on a grid chosen from tau and the centroid spacing for a bounded error; ``auto``: exact up to 4 bits, binned
     above where its grid has at most ``dkm_bins`` points and at most a quarter as many as the weights per LUT, else
     exact) and ``dkm_bins``.
+
+    ``sensitivity_weighted``: weight DKM's centroid update, and the finalize LUT's cluster means, by each weight's
+    running squared gradient (a Fisher diagonal from the training's own backward passes;
+    :mod:`dkm_palett.dkm_sensitivity`). Centroids move to where the loss is sensitive. Costs 8 bytes a palettized
+    weight (two float32 buffers); exact DKM only (``auto`` never picks the binned DKM with it).
     """
 
     n_bits: Optional[int] = None
@@ -71,6 +76,7 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     total_steps: Optional[int] = None
     hard_fraction: float = 0.0
     finalize_lut: str = "mean"
+    sensitivity_weighted: bool = False
 
     def __post_init__(self):
         self._check_schedule()
@@ -148,10 +154,14 @@ class ModuleDKMPalettizerConfig(ConfigIO):
             check_int("total_steps", self.total_steps, minimum=1)
         check_number("hard_fraction", self.hard_fraction, minimum=0.0, maximum=1.0)
         check_choice("finalize_lut", self.finalize_lut, FINALIZE_LUTS)
+        check_type("sensitivity_weighted", self.sensitivity_weighted, bool)
 
     def _check_combinations(self) -> None:
         if self.cluster_dim not in (None, 1) and self.dkm_impl == "binned":
             raise ValueError("dkm_impl='binned' needs scalar LUTs (cluster_dim=1); use 'dense' or 'auto' for vectors.")
+        if self.sensitivity_weighted and self.dkm_impl == "binned":
+            raise ValueError("sensitivity_weighted=True weights each weight in the centroid update, which the binned "
+                             "DKM (a histogram of the weights) cannot; use dkm_impl='auto' or 'dense'.")
         if self.add_extra_centroid and self.n_bits == 8:
             raise ValueError("add_extra_centroid=True needs 2**n_bits + 1 LUT entries, which an 8-bit index cannot "
                              "address; use n_bits <= 6.")
