@@ -214,12 +214,12 @@ def _table_kernel(x, c, cq, tau, out, sq_out):
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _grad_attention(a, r, tot, totw, ys, nb, alpha, beta, gs, lam, table, dot, g_direct, acc_a):
+def _grad_attention(a, r, tot, totw, weighted, ys, nb, alpha, beta, gs, lam, table, dot, g_direct, acc_a):
     """One block of the backward, step 1, from the unnormalised terms ``a`` and ``tot`` = one over their sum:
     ``dot = sum_k w_k dL/dw_k`` with ``dL/dw_k = alpha_k + beta_k y`` (times ``r_k`` with palett_lambda); adds
     ``x``'s direct share ``sum_k w_k gs_k`` (iterations) into ``g_direct`` and ``w_k y`` (the table: the LUT's
     gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the group's rows. ``totw`` is ``tot`` times the point
-    weights of a weighted iteration (``tot`` itself otherwise): ``x``'s direct share carries its weight."""
+    weights of a ``weighted`` iteration (``tot`` itself otherwise): ``x``'s direct share carries its weight."""
     dot[:nb] = 0
     g_direct[:nb] = 0
     for k in range(a.shape[0]):
@@ -234,6 +234,11 @@ def _grad_attention(a, r, tot, totw, ys, nb, alpha, beta, gs, lam, table, dot, g
             for i in range(nb):
                 w = ak[i] * tot[i]
                 acca[i] += w * ys[i]
+                dot[i] += w * (al + be * ys[i])
+        elif not weighted:  # one product for both sums
+            for i in range(nb):
+                w = ak[i] * tot[i]
+                g_direct[i] += w * gsk
                 dot[i] += w * (al + be * ys[i])
         else:
             for i in range(nb):
@@ -285,7 +290,7 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, om, om_floor, we
     for job in numba.prange(groups * items):
         g, lo = job // items, (job % items) * CHUNK
         a, r, m, tot = _scratch(k_n)
-        totw = np.empty(BLOCK, np.float32) if weighted else tot
+        totw = np.empty(BLOCK, np.float32)
         dot = np.empty(BLOCK, np.float32)
         g_direct = np.empty(BLOCK, np.float32)
         g_dist = np.empty(BLOCK, np.float32)
@@ -295,11 +300,16 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, om, om_floor, we
             nb = min(BLOCK, n - b0)
             xs, ys = x[g, b0:b0 + nb], y[g, b0:b0 + nb]
             _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
-            if weighted:
+            if weighted:  # two call sites, so the unweighted one compiles exactly as without weights
                 totw[:nb] = tot[:nb]
                 _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, totw)
-            _grad_attention(a, r, tot, totw, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct, acc_a)
-            _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
+                _grad_attention(a, r, tot, totw, True, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct,
+                                acc_a)
+                _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
+            else:
+                _grad_attention(a, r, tot, tot, False, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct,
+                                acc_a)
+                _grad_logits(a, r, tot, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
             out = gx[g, b0:b0 + nb]
             if table:  # the first backward pass: gx starts here (uninitialised, not zeroed: one pass less)
                 for i in range(nb):
