@@ -17,6 +17,7 @@ import functools
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from dkm_palett.dkm_math import DKMParams, PointDKM
@@ -75,7 +76,7 @@ class _Grid:
         self.points = self.lo + self.delta * torch.arange(bins, device=x.device, dtype=torch.float64)
 
     def coords(self, x: torch.Tensor):
-        """``(slice, flat index, fraction)`` per chunk of ``x (G, N)``."""
+        """``(slice, flat index, fraction)`` per chunk of ``x (G, N)`` (the torch path)."""
         for sl in _chunks(x.shape[1], self.groups):
             yield (sl, *_grid_coords(x[:, sl], self.lo, self.delta, self.bins))
 
@@ -83,13 +84,33 @@ class _Grid:
         size = self.groups * self.bins
         return torch.bincount(idx, weights=values.reshape(-1), minlength=size).reshape(self.groups, self.bins)
 
+    def _kernel_args(self, x: torch.Tensor):
+        """``(binned_kernels, x, lo, delta)`` as numpy for the CPU kernels (float32 weights), else None."""
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        from dkm_palett import binned_kernels  # numba: imported (and compiled, or loaded from cache) on use
+
+        return (binned_kernels, x.contiguous().numpy(), self.lo.reshape(-1).numpy(),
+                self.delta.reshape(-1).numpy())
+
+    def _sums(self, x: torch.Tensor, g: Optional[torch.Tensor]) -> list:
+        """Per-bin sums at each weight's left grid point: count, sum f, sum f^2 (``g`` None), or sum g, sum g f."""
+        args = self._kernel_args(x)
+        if args is not None:
+            kernels, xs, lo, delta = args
+            gs = None if g is None else g.detach().to(torch.float32).contiguous().numpy()
+            return list(torch.from_numpy(kernels.scatter(xs, gs, lo, delta, self.bins)))
+        sums = [0, 0, 0] if g is None else [0, 0]
+        for sl, idx, frac in self.coords(x):
+            values = [torch.ones_like(frac), frac, frac * frac] if g is None else [g[:, sl].double()] * 2
+            if g is not None:
+                values[1] = values[1] * frac
+            sums = [total + self.scatter(idx, v) for total, v in zip(sums, values)]
+        return sums
+
     def moments(self, x: torch.Tensor):
         """Hat-function moments ``h0 = sum phi_b(x)``, ``h1 = sum phi_b(x) x`` ``(G, B)`` float64."""
-        cnt = f1 = f2 = 0
-        for _, idx, frac in self.coords(x):
-            cnt = cnt + self.scatter(idx, torch.ones_like(frac))
-            f1 = f1 + self.scatter(idx, frac)
-            f2 = f2 + self.scatter(idx, frac * frac)
+        cnt, f1, f2 = self._sums(x, None)
         h0 = cnt - f1 + _shift(f1)  # sum of (1 - f) at the left grid point, f at the right one
         m = f1 - f2
         h1 = self.points * h0 + self.delta * (m - _shift(m))  # x = grid[i0] + f delta
@@ -97,6 +118,27 @@ class _Grid:
         width = int(touched.sum(1).max())
         self.order = torch.argsort((~touched).to(torch.int8), dim=1, stable=True)[:, :width]
         return h0, h1
+
+    def table_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``dL/dtable (G, B)`` of :meth:`interpolate` for ``g = dL/dout``: each weight's gradient spread over its
+        two grid points with the hat weights ``(1 - f, f)``."""
+        g_left, g_right = self._sums(x, g)
+        return g_left - g_right + _shift(g_right)
+
+    def weight_grad(self, x: torch.Tensor, g: torch.Tensor, slope: torch.Tensor, base: torch.Tensor,
+                    dq: torch.Tensor) -> torch.Tensor:
+        """``slope[b] g + base[b] + 2 f dq[b]`` at each weight's coordinate ``(b, f)``, in ``x``'s dtype."""
+        g_x = torch.empty_like(x)
+        args = self._kernel_args(x)
+        if args is not None:
+            kernels, xs, lo, delta = args
+            kernels._grad_x_kernel(xs, g.detach().to(torch.float32).contiguous().numpy(), lo, delta,
+                                   np.float64(self.bins), slope.numpy(), base.numpy(), dq.numpy(), g_x.numpy())
+            return g_x
+        for sl, idx, frac in self.coords(x):
+            g_x[:, sl] = _at(slope, idx, frac).mul_(g[:, sl]).add_(_at(base, idx, frac)).addcmul_(
+                frac, _at(dq, idx, frac), value=2.0)
+        return g_x
 
     def compact(self, t: torch.Tensor) -> torch.Tensor:
         """``(G, B)`` -> the touched grid points ``(G, P)`` (padded with untouched ones, where h0 = h1 = 0). The
@@ -109,7 +151,13 @@ class _Grid:
 
     def interpolate(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The per-bin ``table (G, B)`` interpolated linearly at every weight (float64 math, ``x``'s dtype)."""
-        out, step = torch.empty_like(x), _step(table)
+        out = torch.empty_like(x)
+        args = self._kernel_args(x)
+        if args is not None:
+            kernels, xs, lo, delta = args
+            kernels._interpolate_kernel(xs, lo, delta, np.float64(self.bins), table.contiguous().numpy(), out.numpy())
+            return out
+        step = _step(table)
         for sl, idx, frac in self.coords(x):
             out[:, sl] = _at(table, idx, frac).addcmul_(frac, _at(step, idx, frac))
         return out
@@ -214,12 +262,7 @@ class BinnedDKM(torch.autograd.Function):
             g_x = per_weight(own[..., 0]).mul_(g)
             g_x += per_weight(g_h1[..., 0] + g_e[..., 0] / engine.h0.clamp_min(1))
             return g_x.unsqueeze(-1), None, None, None, None, None
-        g_left = g_right = 0
-        for sl, idx, frac in grid.coords(xd):
-            gd = g[:, sl].double()
-            g_left = g_left + grid.scatter(idx, gd)
-            g_right = g_right + grid.scatter(idx, gd * frac)
-        g_t = g_left - g_right + _shift(g_right)
+        g_t = grid.table_grad(xd, g)
         g_h0, g_h1, _, _ = engine.backward(grid.compact(g_t).unsqueeze(-1), want_e=False)
         g_h0, g_h1 = grid.expand(g_h0), grid.expand(g_h1[..., 0])
         dq, dp = _step(g_h1), _step(g_h0)
@@ -227,8 +270,4 @@ class BinnedDKM(torch.autograd.Function):
         # dL/dx = g * slope + (dp + x dq) / delta + g_h1[i0] + f dq = g * slope + base + 2 f dq
         base = (dp + grid.points * dq) / grid.delta + g_h1
         slope = _step(tab) / grid.delta
-        g_x = torch.empty_like(xd)
-        for sl, idx, frac in grid.coords(xd):
-            g_x[:, sl] = _at(slope, idx, frac).mul_(g[:, sl]).add_(_at(base, idx, frac)).addcmul_(
-                frac, _at(dq, idx, frac), value=2.0)
-        return g_x.unsqueeze(-1), None, None, None, None, None
+        return grid.weight_grad(xd, g, slope, base, dq).unsqueeze(-1), None, None, None, None, None

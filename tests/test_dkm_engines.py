@@ -183,8 +183,10 @@ def test_binned_bound_holds_for_grouped_luts_and_a_pinned_zero(groups, zero):
 
 def test_binned_backward_recomputes_the_forward_bins_and_keeps_nothing_per_weight(monkeypatch):
     """The backward recomputes each weight's bin and fraction from the weight, bit-identical to the forward's, and
-    the autograd graph holds only the weight itself."""
+    the autograd graph holds only the weight itself (the torch path; the CPU kernels keep no coordinates at all,
+    tests/test_binned_kernels.py)."""
     calls = []
+    monkeypatch.setattr(dkm_binned._Grid, "_kernel_args", lambda self, x: None)
 
     def recording(*args):
         result = dkm_binned._grid_coords_impl(*args)

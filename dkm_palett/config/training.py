@@ -41,7 +41,8 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     ``sensitivity_weighted``: weight DKM's centroid update, and the finalize LUT's cluster means, by each weight's
     running squared gradient (a Fisher diagonal from the training's own backward passes;
     :mod:`dkm_palett.dkm_sensitivity`). Centroids move to where the loss is sensitive. Costs 8 bytes a palettized
-    weight (two float32 buffers); exact DKM only (``auto`` never picks the binned DKM with it).
+    weight (two float32 buffers), and on the dense engine (GPU, vector LUTs) 8 more per weight of each layer from its
+    forward to its backward; exact DKM only (``auto`` never picks the binned DKM with it).
     """
 
     n_bits: Optional[int] = None
