@@ -1,11 +1,11 @@
 """numba kernels for the grid binned DKM's passes over the weights (CPU, float32 weights).
 
 The torch path of :class:`dkm_palett.dkm_binned._Grid` computes each weight's grid coordinate in chunks of float64
-temporaries (about 50 bytes a weight in flight). At 6-8 bits on a whole model those temporaries run through the
-allocator every step and fragment its heap (benchmarks/README.md: the 125M model's peak fell from 2.63 to 1.67 GiB
-when every large block was returned to the system). These kernels make the same passes with nothing per weight:
-the hat-function moments, the interpolated output, the table gradient and the weight gradient. They run the torch
-path's float64 operations in the same order per weight, so they agree with it to float64 rounding of the sums.
+temporaries (about 50 bytes a weight in flight), several torch passes per sweep. These kernels make the same
+sweeps in one pass each with nothing per weight: the hat-function moments, the interpolated output, the table
+gradient and the weight gradient (at 8 bits on the 125M model of benchmarks/model_scale.py the step went from
+32.8 s to 22.9 s, one cell each). They run the torch path's float64 operations in the same order per weight, so
+they agree with it to float64 rounding of the sums.
 
 Sums over the weights (the moments, the table gradient) run in a fixed number of partitions, each into its own
 per-bin array, added in a fixed order: the result does not depend on the thread count.
