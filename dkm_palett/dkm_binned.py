@@ -8,7 +8,8 @@
   per-bin work runs in float64, so only the interpolation approximates.
 
 Nothing per weight is kept for backward: the bin index and fraction of each weight are recomputed from the weight
-(in chunks) with the same operations, so they are bit-identical to the forward's.
+with the same operations, so they are bit-identical to the forward's. On CPU the passes over the weights are numba
+kernels (:mod:`dkm_palett.binned_kernels`, no per-weight temporaries); elsewhere torch, in chunks.
 """
 
 from __future__ import annotations
