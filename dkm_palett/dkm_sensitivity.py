@@ -11,9 +11,10 @@ same weighting.
 ``F`` is estimated from the training itself: each DKM backward already holds ``dL/dW_p`` (the gradient of the
 palettized weight), so the engines add its square into ``pending``; once per training step the layer folds it,
 scaled to mean 1 per LUT group, into a running mean ``estimate = BETA estimate + (1 - BETA) pending`` (the first
-fold copies it). The estimate is
-fixed within a step, so every forward and its backward use the same weights and the gradients stay exact. Cost:
-two float32 tensors the size of the weight (8 bytes a weight); no extra pass over the weights.
+fold copies it). The estimate is fixed within a step, so every forward and its backward use the same weights and
+the gradients stay exact. Cost: two float32 tensors the size of the weight (8 bytes a weight) and a few
+elementwise passes a step (the square into ``pending``, the fold); the fused kernels read the weights in the
+passes they already make.
 """
 
 from __future__ import annotations

@@ -58,9 +58,13 @@ def test_inactive_sensitivity_is_the_unweighted_update():
     x, c0, estimate, floor, g = _problem()
     p = DKMParams(tau=1e-4)
     pending = torch.zeros_like(estimate)
-    out_w, _ = FusedDKM.apply(x, c0, p, Sensitivity(estimate, floor, pending, active=False))
-    out_u, _ = FusedDKM.apply(x, c0, p)
-    assert torch.equal(out_w, out_u)
+    x_w, x_u = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_w, _ = FusedDKM.apply(x_w, c0, p, Sensitivity(estimate, floor, pending, active=False))
+    out_u, _ = FusedDKM.apply(x_u, c0, p)
+    out_w.backward(g)
+    out_u.backward(g)
+    assert torch.equal(out_w, out_u) and torch.equal(x_w.grad, x_u.grad)
+    assert torch.equal(pending, g.square())
 
 
 def test_fold_normalises_then_averages():
