@@ -258,6 +258,33 @@ def test_one_step_per_optimizer_step_with_gradient_accumulation():
     assert spy.seen == [(0, False), (1, False), (1, False), (2, False), (2, False), (3, True), (3, True), (4, True)]
 
 
+class SensitivitySpy(Callback):
+    """After each batch (and the DKM callback's step): each layer's sensitivity folds and leftover pending sum."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append({name: (int(fp.sensitivity_folds), float(fp.sensitivity_pending.abs().sum()))
+                          for name, _, _, fp in fake_palettizers(pl_module)})
+
+
+def test_sensitivity_estimate_folds_once_per_optimizer_step():
+    """sensitivity_weighted through the callback: the squared gradients of both accumulated batches are folded at
+    the optimizer step (none left pending), once per step; the milestone layer starts folding when it is enabled."""
+    config = {**CONFIG, "global_config": {**CONFIG["global_config"], "sensitivity_weighted": True},
+              "module_name_configs": {k: {**v, "sensitivity_weighted": True}
+                                      for k, v in CONFIG["module_name_configs"].items()}}
+    spy = SensitivitySpy()
+    module = DigitsClassifier()
+    _fit(module, [DKMPalettizationCallback(config), spy], max_epochs=1, accumulate_grad_batches=2)
+    assert len(spy.seen) == 8
+    mid, end = spy.seen[2], spy.seen[-1]  # batch 3: accumulating, step 1 done; batch 8: step 4 done
+    assert mid["net.3.weight"][0] == 1 and mid["net.3.weight"][1] > 0  # one fold, a batch pending
+    assert end["net.3.weight"] == (4, 0.0) and end["net.1.weight"] == (1, 0.0)  # net.1 enabled from step 3
+    assert _records(module)  # finalized as usual
+
+
 def test_fit_twice_does_not_double_prepare():
     module, callback, spy = DigitsClassifier(), DKMPalettizationCallback(CONFIG), Spy()
     with pytest.raises(RuntimeError, match="stop at step 2"):
