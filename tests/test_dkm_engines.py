@@ -91,11 +91,11 @@ def test_fused_stops_early_like_the_reference():
 def test_the_default_runs_one_k_means_iteration_a_step(monkeypatch, iters, passes):
     """``kmeans_max_iter`` defaults to 1 (coremltools: 3) and reaches the engine: one k-means pass per training
     forward; 3 when asked (``palett_epsilon=0`` so that no early stop hides the count)."""
-    from dkm_palett import dkm_fused
+    from dkm_palett import dkm_fused_kernels
 
     calls = []
-    kernel = dkm_fused._sums_kernel
-    monkeypatch.setattr(dkm_fused, "_sums_kernel", lambda *a: calls.append(1) or kernel(*a))
+    kernel = dkm_fused_kernels._sums_kernel
+    monkeypatch.setattr(dkm_fused_kernels, "_sums_kernel", lambda *a: calls.append(1) or kernel(*a))
     extra = {} if iters is None else {"kmeans_max_iter": iters}
     cfg = ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=100, palett_epsilon=0.0, **extra)
     model = nn.Sequential(nn.Linear(64, 64))

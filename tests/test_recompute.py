@@ -89,12 +89,12 @@ def test_recomputed_weight_is_bit_identical_to_stored(name):
 def test_fused_recompute_runs_only_the_output_pass(monkeypatch):
     """The fused engine's replay rebuilds W_p from the forward's last centroids: one output pass per replayed
     layer, no k-means iteration again (test_recomputed_weight_is_bit_identical_to_stored checks the values)."""
-    from dkm_palett import dkm_fused
+    from dkm_palett import dkm_fused_kernels
 
     counts = {}
     for name in ("_sums_kernel", "_table_kernel"):
-        kernel = getattr(dkm_fused, name)
-        monkeypatch.setattr(dkm_fused, name, lambda *a, _k=kernel, _n=name: counts.__setitem__(
+        kernel = getattr(dkm_fused_kernels, name)
+        monkeypatch.setattr(dkm_fused_kernels, name, lambda *a, _k=kernel, _n=name: counts.__setitem__(
             _n, counts.get(_n, 0) + 1) or _k(*a))
     per_mode = {}
     for recompute_on in (True, False):
