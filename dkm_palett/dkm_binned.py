@@ -103,9 +103,11 @@ class _Grid:
             return list(torch.from_numpy(kernels.scatter(xs, gs, lo, delta, self.bins)))
         sums = [0, 0, 0] if g is None else [0, 0]
         for sl, idx, frac in self.coords(x):
-            values = [torch.ones_like(frac), frac, frac * frac] if g is None else [g[:, sl].double()] * 2
-            if g is not None:
-                values[1] = values[1] * frac
+            if g is None:
+                values = (torch.ones_like(frac), frac, frac * frac)
+            else:
+                gd = g[:, sl].double()
+                values = (gd, gd * frac)
             sums = [total + self.scatter(idx, v) for total, v in zip(sums, values)]
         return sums
 

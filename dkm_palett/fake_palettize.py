@@ -149,14 +149,12 @@ class FakePalettize(nn.Module):
         exact = "fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "dense"
         if self.spec.cluster_dim != 1 or cfg.palett_mode != "dkm":
             return "dense", 0
-        if cfg.dkm_impl == "dense":
+        if cfg.dkm_impl == "dense" or cfg.sensitivity_weighted:  # the binned DKM has no per-weight update weights
             return exact, 0
-        if self._exact_dtype(weight) is not None and not cfg.sensitivity_weighted:
+        if self._exact_dtype(weight) is not None:
             return "binned", 0
         if cfg.dkm_impl == "auto" and exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
             return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
-        if cfg.sensitivity_weighted:  # the binned DKM has no per-weight update weights
-            return exact, 0
         bins = grid_points(x[..., 0], c0, cfg.palett_tau)
         if cfg.dkm_impl == "binned":
             cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
