@@ -191,11 +191,14 @@ def machine_info():
 
 
 def warm_kernels():
-    """Compile the fused numba kernels (cached on disk) before the timed cells: the first use after installing
-    compiles them once, about 16 s of CPU; later processes load them from the cache."""
-    code = ("import torch; from dkm_palett.dkm_fused import FusedDKM; from dkm_palett.dkm_math import DKMParams; "
+    """Compile the numba kernels of the fused and the binned DKM (cached on disk) before the timed cells: the first
+    use after installing compiles them once, about 16 s of CPU for the fused ones; later processes load them from
+    the cache."""
+    code = ("import torch; from dkm_palett.dkm_fused import FusedDKM; from dkm_palett.dkm_binned import BinnedDKM; "
+            "from dkm_palett.dkm_math import DKMParams; "
             "x = torch.randn(1, 300, 1).requires_grad_(); "
-            "FusedDKM.apply(x, torch.randn(1, 4, 1), DKMParams(lam=0.1))[0].sum().backward()")
+            "FusedDKM.apply(x, torch.randn(1, 4, 1), DKMParams(lam=0.1))[0].sum().backward(); "
+            "BinnedDKM.apply(x, torch.randn(1, 4, 1), DKMParams(), 64)[0].sum().backward()")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 

@@ -33,7 +33,7 @@ from dkm_palett.schedule import cluster_means
 from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
 from dkm_palett.validation import check_finite
 
-MAX_GRID_ENTRIES = 1 << 24  # binned DKM: at most this many grid points over all LUTs (float64 per-bin arrays)
+MAX_GRID_ENTRIES = 1 << 22  # binned DKM: at most this many grid points over all LUTs (float64 per-point cubics)
 FUSED_MAX_CLUSTERS = 17  # auto: exact fused kernels up to 4 bits (+ an extra centroid); measured in benchmarks/
 _INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weighted) points per LUT
 _log = logging.getLogger(__name__)
@@ -149,10 +149,10 @@ class FakePalettize(nn.Module):
         exact = "fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "dense"
         if self.spec.cluster_dim != 1 or cfg.palett_mode != "dkm":
             return "dense", 0
-        if cfg.dkm_impl == "dense" or cfg.sensitivity_weighted:  # the binned DKM has no per-weight update weights
+        if cfg.dkm_impl == "dense":
             return exact, 0
-        if self._exact_dtype(weight) is not None:
-            return "binned", 0
+        if self._exact_dtype(weight) is not None:  # exact bins per fp16/bf16 value (no sensitivity weights there)
+            return (exact, 0) if cfg.sensitivity_weighted else ("binned", 0)
         if cfg.dkm_impl == "auto" and exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
             return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
         bins = grid_points(x[..., 0], c0, cfg.palett_tau)
@@ -303,7 +303,7 @@ class FakePalettize(nn.Module):
 
             return FusedDKM.apply(x, c0, p, self.sensitivity())
         if name == "binned":
-            return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows)
+            return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows, self.sensitivity())
         return DenseDKM.apply(x, c0, p, rows, budget, self.sensitivity())
 
     def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, choice,

@@ -24,19 +24,25 @@ def _weights(groups=2, n=40000, seed=0):
 def test_each_pass_matches_the_torch_path(monkeypatch, bins):
     x = _weights()
     g = torch.randn_like(x)
-    table = torch.randn(x.shape[0], bins, dtype=torch.float64)
-    slope, base, dq = (torch.randn(x.shape[0], bins, dtype=torch.float64) for _ in range(3))
+    cubic = torch.randn(x.shape[0], bins, 4, dtype=torch.float64)
+    coef = torch.randn(x.shape[0], bins, 7, dtype=torch.float64)
+    om = torch.rand_like(x) + 0.01  # sensitivity weights
     grid = _Grid(x, bins)
-    kernel = (grid.moments(x), grid.interpolate(x, table), grid.table_grad(x, g),
-              grid.weight_grad(x, g, slope, base, dq))
+
+    def passes():
+        return (grid.moments(x), grid.moments(x, om), grid.interpolate(x, cubic), grid.table_grad(x, g),
+                grid.weight_grad(x, g, coef), grid.weight_grad(x, g, coef, om))
+
+    kernel = passes()
     _torch_path(monkeypatch)
-    reference = (grid.moments(x), grid.interpolate(x, table), grid.table_grad(x, g),
-                 grid.weight_grad(x, g, slope, base, dq))
-    for (h_k, h_t) in zip(kernel[0], reference[0]):
-        torch.testing.assert_close(h_k, h_t, rtol=1e-13, atol=1e-12)
-    assert torch.equal(kernel[1], reference[1])  # per weight: the same operations in the same order
-    torch.testing.assert_close(kernel[2], reference[2], rtol=1e-12, atol=1e-11)
-    assert torch.equal(kernel[3], reference[3])
+    reference = passes()
+    for i in (0, 1):
+        for (h_k, h_t) in zip(kernel[i], reference[i]):
+            torch.testing.assert_close(h_k, h_t, rtol=1e-11, atol=1e-9)  # sums of 40k terms, in another order
+    assert torch.equal(kernel[2], reference[2])  # per weight: the same operations in the same order
+    torch.testing.assert_close(kernel[3], reference[3], rtol=1e-12, atol=1e-11)
+    assert torch.equal(kernel[4], reference[4]) and torch.equal(kernel[5], reference[5])
+    assert not torch.equal(kernel[4], kernel[5])
 
 
 def test_binned_dkm_end_to_end_matches_the_torch_path(monkeypatch):
@@ -76,3 +82,34 @@ def test_sums_do_not_depend_on_the_thread_count():
 def test_partitions_stay_within_their_memory():
     assert binned_kernels.parts_for(1, 65536, 3) == binned_kernels.MAX_PARTS
     assert binned_kernels.parts_for(64, 1 << 18, 3) == 1  # 64 x 2^18 bins x 3 sums x 8 bytes: one partition
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_the_grid_reproduces_cubics_exactly(monkeypatch, path):
+    """Cubic Lagrange interpolation is exact for cubics: the moments integrate any cubic ``q`` as the weights do
+    (``sum_j h0_j q(e_j) = sum_i q(x_i)``, ``sum_j h1_j q(e_j) = sum_i x_i q(x_i)``), a table sampled from ``q``
+    interpolates to ``q(x_i)``, and the weight gradients are exact: ``g q'(x_i)`` through the output, and through
+    the moments ``d/dx_i sum_j (h0_j q(e_j) + h1_j r(e_j)) = q'(x_i) + r(x_i) + x_i r'(x_i)``."""
+    if path == "torch":
+        _torch_path(monkeypatch)
+    x = _weights(groups=2, n=5000)
+    grid = _Grid(x, 40)
+    xd = x.double()
+
+    def q(v):
+        return 0.3 - 2.0 * v + 50.0 * v ** 2 + 900.0 * v ** 3
+
+    h0, h1 = grid.moments(x)
+    e = grid.points
+    torch.testing.assert_close((h0 * q(e)).sum(1), q(xd).sum(1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close((h1 * q(e)).sum(1), (xd * q(xd)).sum(1), rtol=1e-10, atol=1e-10)
+    cubic = grid.cubic(q(e))
+    torch.testing.assert_close(grid.interpolate(x, cubic).double(), q(xd), rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(x)
+    zero = torch.zeros_like(e)
+    grad = grid.weight_grad(x, g, grid.grad_coefficients(cubic, zero, zero)).double()
+    torch.testing.assert_close(grad, g.double() * (-2.0 + 100.0 * xd + 2700.0 * xd ** 2), rtol=1e-5, atol=1e-5)
+    r = 1.5 + 20.0 * e - 300.0 * e ** 2
+    moments = grid.weight_grad(x, torch.zeros_like(x), grid.grad_coefficients(cubic, q(e), r)).double()
+    expected = (-2.0 + 100.0 * xd + 2700.0 * xd ** 2) + (1.5 + 20.0 * xd - 300.0 * xd ** 2) + xd * (20.0 - 600.0 * xd)
+    torch.testing.assert_close(moments, expected, rtol=1e-5, atol=1e-5)

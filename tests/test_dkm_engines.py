@@ -215,11 +215,13 @@ def test_binned_backward_recomputes_the_forward_bins_and_keeps_nothing_per_weigh
 # ----------------------------------------------------------------------------------------- the layer's choice
 
 
-def _layer_engine(n_bits, impl, scale=0.02, in_features=512, **kw):
+def _layer_engine(n_bits, impl, scale=0.02, in_features=512, dtype="fp32", **kw):
     torch.manual_seed(7)
     layer = nn.Sequential(nn.Linear(in_features, 256))
     with torch.no_grad():
         layer[0].weight.normal_(0, scale)
+    if dtype == "fp16":
+        layer.half()
     cfg = ModuleDKMPalettizerConfig(n_bits=n_bits, weight_threshold=0, dkm_impl=impl, **kw)
     DKMPalettizer(layer, DKMPalettizerConfig(global_config=cfg)).prepare(inplace=True)
     fp = layer[0].parametrizations.weight[0]
@@ -237,14 +239,18 @@ def test_auto_runs_exact_fused_dkm_up_to_4_bits_and_bounded_binned_above():
     name, bins = _layer_engine(6, "auto", in_features=2048)
     assert name == "binned" and 16 < bins <= 2048 * 256 // 4
     assert _layer_engine(4, "auto", cluster_dim=2)[0] == "dense"
+    # sensitivity_weighted: the grid takes point weights; fp16/bf16's exact bins do not, so those run exact DKM
+    assert _layer_engine(6, "auto", in_features=2048, sensitivity_weighted=True)[0] == "binned"
+    assert _layer_engine(6, "binned", in_features=2048, sensitivity_weighted=True, dtype="fp16")[0] == "fused"
+    assert _layer_engine(6, "binned", in_features=2048, dtype="fp16")[0] == "binned"
     assert _layer_engine(4, "auto", palett_mode="gsm")[0] == "dense"
 
 
 def test_auto_falls_back_to_exact_where_the_grid_would_be_too_fine(caplog):
     """Weights of std 1 at 6 bits: the bound needs a grid with more points than weights, so auto runs exact DKM;
-    on request the binned DKM caps the grid and says so."""
+    at std 4 it needs more than MAX_GRID_ENTRIES, so on request the binned DKM caps the grid and says so."""
     assert _layer_engine(6, "auto", scale=1.0)[0] == "fused"
     with caplog.at_level("WARNING"):
-        name, bins = _layer_engine(6, "binned", scale=1.0)
-    assert name == "binned" and bins == 1 << 24
+        name, bins = _layer_engine(6, "binned", scale=4.0)
+    assert name == "binned" and bins == 1 << 22
     assert "capped" in caplog.text and "dkm_impl='auto' or 'dense'" in caplog.text

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
+from dkm_palett.dkm_binned import BinnedDKM, grid_points
 from dkm_palett.dkm_fused import FusedDKM
 from dkm_palett.dkm_math import DenseDKM, DKMParams, dkm_reference
 from dkm_palett.dkm_sensitivity import BETA, FLOOR, Sensitivity
@@ -26,7 +27,7 @@ def _relative(a, b):
     return float((a.double() - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("engine", ["fused", "dense"])
+@pytest.mark.parametrize("engine", ["fused", "dense", "binned"])
 @pytest.mark.parametrize("lam,iters", [(0.0, 1), (0.3, 2)])
 def test_weighted_update_matches_reference(engine, lam, iters):
     x, c0, estimate, floor, g = _problem()
@@ -39,13 +40,16 @@ def test_weighted_update_matches_reference(engine, lam, iters):
     x_eng = x.clone().requires_grad_()
     if engine == "fused":
         out, c = FusedDKM.apply(x_eng, c0, p, sens)
-    else:
+    elif engine == "dense":
         out, c = DenseDKM.apply(x_eng, c0, p, 1024, 0.0, sens)
+    else:
+        out, c = BinnedDKM.apply(x_eng, c0, p, grid_points(x[..., 0], c0, p.tau), None, 1 << 16, sens)
     out.backward(g)
-    tol = 1e-6 if engine == "fused" else 3e-5  # float32 engines against the float64 reference
+    # float32 engines against the float64 reference; the binned DKM within its bound (1e-6 forward, 1e-3 gradient)
+    tol = {"fused": 1e-6, "dense": 3e-5, "binned": 1e-6}[engine]
     assert _relative(out, out_ref) < tol
     assert _relative(c, c_ref) < tol
-    assert _relative(x_eng.grad, x_ref.grad) < tol
+    assert _relative(x_eng.grad, x_ref.grad) < (1e-3 if engine == "binned" else tol)
     # the weights matter: the unweighted reference is far from the weighted one
     unweighted, _ = dkm_reference(x.double(), c0.double(), p)
     assert _relative(unweighted, out_ref.detach()) > 100 * tol
@@ -134,7 +138,32 @@ def test_checkpoint_carries_the_estimate():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="sensitivity_weighted=True.*dkm_impl='auto'"):
-        ModuleDKMPalettizerConfig(n_bits=2, sensitivity_weighted=True, dkm_impl="binned")
     with pytest.raises(TypeError, match="sensitivity_weighted"):
         ModuleDKMPalettizerConfig(n_bits=2, sensitivity_weighted="yes")
+
+
+def test_the_binned_grid_layer_trains_with_the_estimate(monkeypatch):
+    """At 6 bits the layer runs the binned grid with its sensitivity weights: the estimate is folded each step,
+    and from the second step on (once active) the weights reach the binned engine."""
+    from dkm_palett import dkm_binned
+
+    seen = []
+    apply = dkm_binned.BinnedDKM.apply
+    monkeypatch.setattr(dkm_binned.BinnedDKM, "apply", lambda *a: seen.append(a[-1]) or apply(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 64))
+    nn.init.normal_(model[0].weight, std=0.02)
+    config = ModuleDKMPalettizerConfig(n_bits=6, weight_threshold=1000, sensitivity_weighted=True)
+    pal = DKMPalettizer(model, DKMPalettizerConfig(global_config=config))
+    model = pal.prepare(inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 2048)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        pal.step()
+    _, _, _, fp = next(iter(fake_palettizers(model)))
+    assert int(fp.sensitivity_folds) == 3 and float(fp.sensitivity_estimate.std()) > 0.1
+    assert seen and all(isinstance(s, Sensitivity) for s in seen)
+    assert [s.active for s in seen][:1] == [False] and seen[-1].active

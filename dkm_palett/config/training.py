@@ -42,7 +42,8 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     running squared gradient (a Fisher diagonal from the training's own backward passes;
     :mod:`dkm_palett.dkm_sensitivity`). Centroids move to where the loss is sensitive. Costs 8 bytes a palettized
     weight (two float32 buffers), and on the dense engine (GPU, vector LUTs) 8 more per weight of each layer from its
-    forward to its backward; exact DKM only (``auto`` never picks the binned DKM with it).
+    forward to its backward. The exact engines and the binned grid (6-8 bits) weight their points the same way;
+    fp16/bf16 weights, whose binned DKM is exact per distinct value, run exact DKM with it.
     """
 
     n_bits: Optional[int] = None
@@ -160,9 +161,6 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     def _check_combinations(self) -> None:
         if self.cluster_dim not in (None, 1) and self.dkm_impl == "binned":
             raise ValueError("dkm_impl='binned' needs scalar LUTs (cluster_dim=1); use 'dense' or 'auto' for vectors.")
-        if self.sensitivity_weighted and self.dkm_impl == "binned":
-            raise ValueError("sensitivity_weighted=True weights each weight in the centroid update, which the binned "
-                             "DKM (a histogram of the weights) cannot; use dkm_impl='auto' or 'dense'.")
         if self.add_extra_centroid and self.n_bits == 8:
             raise ValueError("add_extra_centroid=True needs 2**n_bits + 1 LUT entries, which an 8-bit index cannot "
                              "address; use n_bits <= 6.")

@@ -125,8 +125,12 @@ def _kpp_seed(x, xt32, w, k, generator) -> torch.Tensor:
 
 
 def _assign(x32, x_sq32, c, chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre index and squared distance per row (chunked float32 matmul)."""
+    """Nearest centre index and squared distance per row (chunked float32 matmul; scalars: the sorted search of
+    :func:`nearest_centroid`, O(N log K) instead of O(N K))."""
     n, kc = x32.shape[0], c.shape[0]
+    if x32.shape[1] == 1:
+        idx = nearest_centroid(x32, c)
+        return idx, (x32[:, 0] - c.to(torch.float32)[idx, 0]).square_()
     idx = torch.empty(n, dtype=torch.int64)
     dist = torch.empty(n, dtype=torch.float32)
     c32 = c.to(torch.float32)
