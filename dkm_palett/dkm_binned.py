@@ -138,9 +138,7 @@ class _Grid:
         ``x = e_{b+1} + t delta`` in its cell ``b`` and point weights ``om (G, N)`` (None: 1)."""
         sums = self._sums(x, om, 5)
         h0 = self._spread(sums)
-        basis = _basis(sums.dtype, sums.device)
-        h1 = sum(_behind(torch.einsum("p,pgb->gb", basis[s], sums[:4]) * self.anchor
-                         + torch.einsum("p,pgb->gb", basis[s], sums[1:]) * self.delta, s) for s in range(4))
+        h1 = self._spread(sums[:4] * self.anchor + sums[1:] * self.delta)  # x t^p = e_{b+1} t^p + delta t^(p+1)
         used = sums[0] > 0
         touched = used | _behind(used, 1) | _behind(used, 2) | _behind(used, 3)  # points some weight reads
         width = int(touched.sum(1).max())
