@@ -41,7 +41,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _palettizer(impl: str, model, bits: int, iters=None):
+def _palettizer(impl: str, model, bits: int, iters=None, dkm_impl=None):
     if impl == "ours":
         from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig
     else:
@@ -51,6 +51,8 @@ def _palettizer(impl: str, model, bits: int, iters=None):
             ModuleDKMPalettizerConfig,
         )
     extra = {} if iters is None else {"kmeans_max_iter": iters}
+    if dkm_impl is not None:
+        extra["dkm_impl"] = dkm_impl
     cfg = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=bits, **extra))
     pal = DKMPalettizer(model, cfg)
     return pal, pal.prepare(inplace=True)
@@ -103,7 +105,7 @@ def worker(spec: dict) -> dict:
     out: dict = {"params": params, "threads": torch.get_num_threads(), "build_peak_mib": peak_rss_mib()}
     pal = None
     if spec["impl"] != "plain":
-        pal, model = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"))
+        pal, model = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"), spec.get("dkm_impl"))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     times = []
@@ -128,10 +130,12 @@ def worker(spec: dict) -> dict:
 
 
 def cell_key(spec: dict) -> str:
-    """``model/tokens/impl[/bits][/iterations]``: ours cells name their ``kmeans_max_iter`` (coremltools: its 3)."""
+    """``model/tokens/impl[/bits][/iterations][/dkm_impl]``: ours cells name their ``kmeans_max_iter`` (coremltools:
+    its 3), and their ``dkm_impl`` when one was asked for."""
     bits = "" if spec["impl"] == "plain" else f"/{spec['bits']}bit"
     iters = f"/{spec['iters']}it" if spec["impl"] == "ours" else ""
-    return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}{iters}"
+    engine = f"/{spec['dkm_impl']}" if spec.get("dkm_impl") else ""
+    return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}{iters}{engine}"
 
 
 def _progress(stderr) -> dict:
@@ -191,6 +195,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=["plain", "ours"], choices=["plain", "ours", "coremltools"])
     ap.add_argument("--kmeans-max-iter", type=int, default=None,
                     help="ours: DKM iterations per step (default: the package default; coremltools always runs its 3)")
+    ap.add_argument("--dkm-impl", choices=["auto", "dense", "binned"], default=None,
+                    help="ours: DKMPalettizer's dkm_impl (default: the package default, auto); a separate cell")
     ap.add_argument("--steps", type=int, default=3, help="later steps whose median is reported (>= 3)")
     ap.add_argument("--end", action="store_true", help="also finalize() + save_compressed() (ours)")
     ap.add_argument("--coreml", action="store_true", help="also export_coreml (ours)")
@@ -216,7 +222,8 @@ def main() -> None:
                     for impl in args.impls:
                         spec = dict(model=model, tokens=tokens, bits=bits, impl=impl, steps=args.steps,
                                     end=args.end, coreml=args.coreml, cap_gib=args.ct_cap_gib,
-                                    iters=(args.kmeans_max_iter or default_iters) if impl == "ours" else None)
+                                    iters=(args.kmeans_max_iter or default_iters) if impl == "ours" else None,
+                                    dkm_impl=args.dkm_impl if impl == "ours" else None)
                         specs.setdefault(cell_key(spec), spec)
         for key, spec in specs.items():
             res = run_cell(spec, args.ct_timeout if spec["impl"] == "coremltools" else args.timeout)

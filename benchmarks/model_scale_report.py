@@ -29,15 +29,17 @@ def _ok(r):
 
 def _cells(results: dict):
     """Yield ``(model, tokens, bits, iters, plain, ours, coremltools)`` rows in a stable order: one per ours cell
-    (``iters``: its ``kmeans_max_iter``), coremltools beside ours at its own 3 iterations (or alone)."""
-    keys = {(r["model"], r["tokens"], r["bits"], r.get("iters") or CT_ITERS)
+    (``iters``: its ``kmeans_max_iter``; ``bits`` names a non-default ``dkm_impl``, e.g. "4 (binned)"), coremltools
+    beside ours at its own 3 iterations and the default engine (or alone)."""
+    keys = {(r["model"], r["tokens"], r["bits"], r.get("iters") or CT_ITERS, r.get("dkm_impl") or "")
             for r in results.values() if r["impl"] != "plain"}
-    for model, tokens, bits, iters in sorted(keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, *k[1:])):
-        ct = results.get(f"{model}/{tokens}/coremltools/{bits}bit") if iters == CT_ITERS else None
-        ours = results.get(f"{model}/{tokens}/ours/{bits}bit/{iters}it")
+    for model, tokens, bits, iters, engine in sorted(
+            keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, *k[1:])):
+        ct = results.get(f"{model}/{tokens}/coremltools/{bits}bit") if iters == CT_ITERS and not engine else None
+        ours = results.get(f"{model}/{tokens}/ours/{bits}bit/{iters}it" + (f"/{engine}" if engine else ""))
         # the plain cell measured beside it (the latest plain cell when it ran), else the latest now
-        yield (model, tokens, bits, iters, (ours or ct or {}).get("plain") or results.get(f"{model}/{tokens}/plain"),
-               ours, ct)
+        yield (model, tokens, f"{bits} ({engine})" if engine else bits, iters,
+               (ours or ct or {}).get("plain") or results.get(f"{model}/{tokens}/plain"), ours, ct)
 
 
 def _main_table(results: dict) -> list[str]:
@@ -133,7 +135,8 @@ def plot(results: dict) -> bool:
         return False
     series: dict = {}
     for r in results.values():
-        if _ok(r) and not r["model"].startswith("resnet") and r["tokens"] == 128 and r.get("bits", 4) == 4:
+        four_bit = r["impl"] == "plain" or (r.get("bits", 4) == 4 and not r.get("dkm_impl"))  # default engine
+        if _ok(r) and not r["model"].startswith("resnet") and r["tokens"] == 128 and four_bit:
             name = {"plain": "plain", "coremltools": "coremltools DKM 4-bit"}.get(
                 r["impl"], f"ours DKM 4-bit, {r.get('iters')} iteration(s)")
             series.setdefault(name, {})[r["params"]] = r["peak_mib"] / 1024
@@ -161,7 +164,8 @@ def write_report(results: dict) -> str:
     doc = ["Every cell is its own process (`python benchmarks/model_scale.py`); fp32 weights, SGD, default "
            "`DKMPalettizer` settings with `n_bits` as given (every Linear, Conv2d and the embedding above "
            "`weight_threshold=2048`) and `kmeans_max_iter` as in *DKM iterations* (the default is 1; coremltools' "
-           "and our default before 2026-12-06 is 3). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
+           "and our default before 2026-12-06 is 3). *bits* \"4 (binned)\": that cell with `dkm_impl=\"binned\"` "
+           "(`--dkm-impl binned`; the default at 4 bits is exact). *plain step* and *DKM step* are medians of 3 steps after the first; *DKM first "
            "step* includes k-means initialisation, so *first - plain* counts one DKM step too and *first - DKM "
            "step* is the initialisation itself; *peak RSS* is the process's `ru_maxrss` (model construction "
            "included). The machine (2 cores, 24 GiB) is shared with other developers' jobs, so timings depend on "

@@ -93,3 +93,21 @@ def test_20m_decoder_dkm_memory_near_plain_and_recompute_bit_identical():
 
 if __name__ == "__main__":
     print(json.dumps(_worker(sys.argv[1])))
+
+
+def test_report_keeps_a_dkm_impl_cell_apart_from_the_default_one():
+    """``model_scale.py --dkm-impl binned`` cells get their own key and their own row, labelled; the default
+    cell's row and the plot's series are unchanged by them."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from model_scale import cell_key
+    from model_scale_report import _main_table
+
+    base = dict(model="125m", tokens=128, bits=4, steps=3, params=134_000_000, peak_mib=1700.0, first_s=10.0)
+    plain = {**base, "impl": "plain", "step_s": 1.0, "peak_mib": 1400.0}
+    ours = {**base, "impl": "ours", "iters": 1, "step_s": 4.0}
+    binned = {**ours, "dkm_impl": "binned", "step_s": 3.0}
+    results = {cell_key(c): c for c in (plain, ours, binned)}
+    assert len(results) == 3 and cell_key(binned) == "125m/128/ours/4bit/1it/binned"
+    rows = [r for r in _main_table(results) if r.startswith("| 125m |")]
+    assert [r.split(" | ")[3] for r in rows] == ["4", "4 (binned)"]
+    assert [r.split(" | ")[10] for r in rows] == ["4.00x", "3.00x"]
