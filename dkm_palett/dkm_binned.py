@@ -37,7 +37,8 @@ GRID_KAPPA = 0.01
 COORD_CHUNK = 1 << 20  # weights per chunk when computing grid coordinates (float64 temporaries)
 
 # The cubic Lagrange basis on the nodes -1, 0, 1, 2 at t in [0, 1]: L_s(t) = sum_p LAGRANGE[s][p] t^p.
-LAGRANGE = ((0.0, -1 / 3, 1 / 2, -1 / 6), (1.0, -1 / 2, -1.0, 1 / 2), (0.0, 1.0, 1 / 2, -1 / 2), (0.0, -1 / 6, 0.0, 1 / 6))
+LAGRANGE = ((0.0, -1 / 3, 1 / 2, -1 / 6), (1.0, -1 / 2, -1.0, 1 / 2),
+            (0.0, 1.0, 1 / 2, -1 / 2), (0.0, -1 / 6, 0.0, 1 / 6))
 
 
 def grid_points(x: torch.Tensor, c: torch.Tensor, tau: float) -> int:
