@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dkm_palett.dkm_math import DKMParams, PointDKM
-from dkm_palett.dkm_sensitivity import Sensitivity
+from dkm_palett.dkm_sensitivity import Sensitivity, active_weights
 
 # grid step = GRID_KAPPA * tau / (largest gap between neighbouring centroids). Measured on 20k weights, 2 iterations
 # from quantile centroids, K = 16, 64, 256 (N(0, 0.02), U(-1, 1), Student-t(3) x 0.02, per-channel scaled): at 0.04
@@ -267,7 +267,8 @@ class BinnedDKM(torch.autograd.Function):
     def forward(ctx, x, c0, p: DKMParams, bins: int, exact_dtype: Optional[torch.dtype] = None, rows: int = 1 << 16,
                 sens: Optional[Sensitivity] = None):
         xd = x.detach()[..., 0]
-        om = sens.weights()[..., 0] if sens is not None and sens.active else None
+        om = active_weights(sens)
+        om = None if om is None else om[..., 0]
         if om is not None and exact_dtype is not None:
             raise ValueError("the binned DKM's exact fp16/bf16 bins take no sensitivity weights; run exact DKM")
         groups = xd.shape[0]
@@ -301,7 +302,8 @@ class BinnedDKM(torch.autograd.Function):
         engine, grid, tab = ctx.state
         sens = ctx.sens
         ctx.state = ctx.sens = None
-        om = sens.weights()[..., 0] if sens is not None and sens.active else None
+        om = active_weights(sens)
+        om = None if om is None else om[..., 0]
         if sens is not None:
             sens.record(g_out)
         (x,) = ctx.saved_tensors

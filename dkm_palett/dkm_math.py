@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from dkm_palett.dkm_sensitivity import Sensitivity
+from dkm_palett.dkm_sensitivity import Sensitivity, active_weights
 from dkm_palett.lut import fake_quantize_lut
 
 
@@ -328,7 +328,8 @@ class DenseDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c0, p: DKMParams, rows: int, cache_bytes: float = 0.0, sens: Optional[Sensitivity] = None):
         xd = x.detach()
-        om = sens.weights().to(xd.dtype) if sens is not None and sens.active else None
+        om = active_weights(sens)
+        om = None if om is None else om.to(xd.dtype)
         engine = PointDKM(xd, None if om is None else om[..., 0], None if om is None else om * xd, p, rows,
                           cache_bytes)
         c = engine.run(c0.detach())

@@ -69,6 +69,11 @@ class Sensitivity:
         folds.add_(1)
 
 
+def active_weights(sens: "Sensitivity | None") -> "torch.Tensor | None":
+    """``om (G, N, 1)`` of an active estimate (a new tensor), else None: the unweighted update."""
+    return sens.weights() if sens is not None and sens.active else None
+
+
 def kernel_weights(sens: "Sensitivity | None", xs: np.ndarray):
     """The fused kernels' ``(om, om_floor, weighted)`` for the weights ``xs (G, N)``: the estimate and floor, or
     placeholders the kernels do not read."""

@@ -16,7 +16,7 @@ from dkm_palett.kmeans.histogram import histogram_points
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.dkm_binned import BinnedDKM, grid_points
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
-from dkm_palett.dkm_sensitivity import Sensitivity
+from dkm_palett.dkm_sensitivity import Sensitivity, active_weights
 from dkm_palett.layer_settings import DKMLayerSettings
 from dkm_palett.lut import (
     PalettizedTensor,
@@ -328,7 +328,7 @@ class FakePalettize(nn.Module):
             return self.centroids
         zi, cfg, sens = int(self.zero_index), self.settings, self.sensitivity()
         return cluster_means(x, self.centroids, None if zi < 0 else zi, self.spec.lut_dtype, cfg.quant_min,
-                             cfg.quant_max, sens.weights() if sens is not None and sens.active else None)
+                             cfg.quant_max, active_weights(sens))
 
     @torch.no_grad()
     def to_palettized(self, weight: torch.Tensor) -> PalettizedTensor:
