@@ -16,19 +16,28 @@ import numba
 import numpy as np
 
 CHUNK = 1 << 15  # weights per work item of the per-weight passes
+BLOCK = 512  # weights per block: their cells and positions go to small buffers first (vectorised), then the gathers
 PARTS_BYTES = 64 << 20  # at most this much for the per-partition per-bin sums
 MAX_PARTS = 8
 
 
 @numba.njit(inline="always")
-def _coord(v, lo, delta, last):
-    """The grid cell (the node left of the weight, padded index minus 1) and the position in it, ``t`` in
-    ``[0, 1]`` (``dkm_binned._grid_coords``); ``last`` is the last cell."""
-    pos = (np.float64(v) - lo) / delta
-    left = np.floor(pos)
-    left = min(max(left, 0.0), last)
-    t = min(max(pos - left, 0.0), 1.0)
-    return int(left), t
+def _cells(xs, nb, lo, delta, last, cell, t):
+    """``cell[:nb]``, ``t[:nb]``: each weight's grid cell (the node left of it, padded index minus 1) and its
+    position in it, in ``[0, 1]`` (``dkm_binned._grid_coords``'s operations); ``last`` is the last cell.
+
+    A loop with no gathers or scatters, so LLVM vectorises it; the per-cell gathers and scatters then run from
+    these buffers (measured: each pass takes half the time of one scalar loop doing both)."""
+    for i in range(nb):
+        pos = (np.float64(xs[i]) - lo) / delta
+        left = min(max(np.floor(pos), 0.0), last)
+        t[i] = min(max(pos - left, 0.0), 1.0)
+        cell[i] = np.int32(left)
+
+
+@numba.njit(inline="always")
+def _buffers():
+    return np.empty(BLOCK, np.int32), np.empty(BLOCK, np.float64)
 
 
 # The optional arrays (``v``, ``g``, ``om``) are None or an array: numba compiles one version per combination and
@@ -45,36 +54,59 @@ def _scatter_kernel(x, v, lo, delta, last, out):
     per = (n + parts - 1) // parts
     for job in numba.prange(groups * parts):
         grp, part = job // parts, job % parts
-        for i in range(part * per, min(n, (part + 1) * per)):
-            b, t = _coord(x[grp, i], lo[grp], delta[grp], last)
-            s = 1.0
-            if v is not None:
-                s = np.float64(v[grp, i])
-            for p in range(5):
-                out[part, grp, b, p] += s
-                s *= t
+        acc = out[part, grp].reshape(-1)
+        cell, ts = _buffers()
+        end = min(n, (part + 1) * per)
+        for b0 in range(part * per, end, BLOCK):
+            nb = min(BLOCK, end - b0)
+            _cells(x[grp, b0:b0 + nb], nb, lo[grp], delta[grp], last, cell, ts)
+            for i in range(nb):
+                b, t = cell[i] * 5, ts[i]
+                s = 1.0
+                if v is not None:
+                    s = np.float64(v[grp, b0 + i])
+                for p in range(5):
+                    acc[b + p] += s
+                    s *= t
 
 
 @numba.njit(parallel=True, cache=True)
-def _poly_kernel(x, g, om, lo, delta, last, coef, out):
+def _poly_kernel(x, g, om, lo, delta, last, coef, out, sq):
     """``out[g, i] = P_b(t)`` (``g`` None: ``coef (G, B, 4)``, a cubic per cell) or ``g_i Q_b(t) + om_i P_b(t)``
-    (``coef (G, B, 7)``: the quadratic ``Q`` then the cubic ``P``; ``om`` None: 1), by Horner's rule."""
+    (``coef (G, B, 7)``: the quadratic ``Q`` then the cubic ``P``; ``om`` None: 1), by Horner's rule. ``sq`` (None
+    or an array): also ``sq[job] = sum (out - x)^2`` per work item (the layer's clustering error, while both are
+    in cache)."""
     groups, n = x.shape
     items = (n + CHUNK - 1) // CHUNK
     for job in numba.prange(groups * items):
         grp, lo_i = job // items, (job % items) * CHUNK
-        for i in range(lo_i, min(n, lo_i + CHUNK)):
-            b, t = _coord(x[grp, i], lo[grp], delta[grp], last)
-            c = coef[grp, b]
-            if g is None:
-                v = c[0] + t * (c[1] + t * (c[2] + t * c[3]))
-            else:
-                v = c[3] + t * (c[4] + t * (c[5] + t * c[6]))
-            if om is not None:
-                v = np.float64(om[grp, i]) * v
-            if g is not None:
-                v = np.float64(g[grp, i]) * (c[0] + t * (c[1] + t * c[2])) + v
-            out[grp, i] = v
+        cf = coef[grp].reshape(-1)
+        cell, ts = _buffers()
+        sq_lanes = np.zeros(BLOCK)  # per-lane partial sums: a loop that vectorises, summed once per work item
+        for b0 in range(lo_i, min(n, lo_i + CHUNK), BLOCK):
+            nb = min(BLOCK, n - b0)
+            xs = x[grp, b0:b0 + nb]
+            _cells(xs, nb, lo[grp], delta[grp], last, cell, ts)
+            o = out[grp, b0:b0 + nb]
+            for i in range(nb):
+                t = ts[i]
+                if g is None:
+                    b = cell[i] * 4  # constant widths: measured 1.9x faster than coef.shape[2]
+                    v = cf[b] + t * (cf[b + 1] + t * (cf[b + 2] + t * cf[b + 3]))
+                else:
+                    b = cell[i] * 7
+                    v = cf[b + 3] + t * (cf[b + 4] + t * (cf[b + 5] + t * cf[b + 6]))
+                if om is not None:
+                    v = np.float64(om[grp, b0 + i]) * v
+                if g is not None:
+                    v = np.float64(g[grp, b0 + i]) * (cf[b] + t * (cf[b + 1] + t * cf[b + 2])) + v
+                o[i] = v
+            if sq is not None:
+                for i in range(nb):
+                    d = np.float64(o[i]) - np.float64(xs[i])
+                    sq_lanes[i] += d * d
+        if sq is not None:
+            sq[job] = sq_lanes.sum()
 
 
 def parts_for(groups: int, bins: int, rows: int) -> int:
@@ -91,6 +123,9 @@ def scatter(x: np.ndarray, v, lo: np.ndarray, delta: np.ndarray, bins: int, powe
 
 
 def poly(x: np.ndarray, g, om, lo: np.ndarray, delta: np.ndarray, bins: int, coef: np.ndarray,
-         out: np.ndarray) -> None:
-    """:func:`_poly_kernel` into ``out`` (``g`` None: the cubic only; ``om`` None: unweighted)."""
-    _poly_kernel(x, g, om, lo, delta, np.float64(bins - 4), coef, out)
+         out: np.ndarray) -> float:
+    """:func:`_poly_kernel` into ``out`` (``g`` None: the cubic only; ``om`` None: unweighted). Returns
+    ``sum (out - x)^2`` for the cubic only (``g`` None), else 0."""
+    sq = None if g is not None else np.zeros(x.shape[0] * ((x.shape[1] + CHUNK - 1) // CHUNK))
+    _poly_kernel(x, g, om, lo, delta, np.float64(bins - 4), coef, out, sq)
+    return 0.0 if sq is None else float(sq.sum())

@@ -99,6 +99,7 @@ class _Grid:
         self.delta = ((x.amax(1, keepdim=True).double() - self.lo) / (bins - 3)).clamp_min(torch.finfo(x.dtype).tiny)
         self.anchor = self.lo + self.delta * torch.arange(bins, device=x.device, dtype=torch.float64)  # e_{b+1}
         self.points = self.anchor - self.delta
+        self.sq_error = 0.0  # of the last interpolate()
 
     def coords(self, x: torch.Tensor):
         """``(slice, flat index, t)`` per chunk of ``x (G, N)`` (the torch path)."""
@@ -172,16 +173,17 @@ class _Grid:
         return torch.cat([slope, moment], dim=-1)
 
     def _poly(self, x: torch.Tensor, g: Optional[torch.Tensor], coef: torch.Tensor,
-              om: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``P_b(t)`` (``g`` None) or ``g Q_b(t) + om P_b(t)`` at every weight, in ``x``'s dtype (float64 math)."""
+              om: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
+        """``P_b(t)`` (``g`` None) or ``g Q_b(t) + om P_b(t)`` at every weight, in ``x``'s dtype (float64 math), and
+        for ``P_b`` alone ``sum (out - x)^2`` (else 0)."""
         out = torch.empty_like(x)
         args = self._kernel_args(x)
         if args is not None:
             kernels, xs, lo, delta = args
-            kernels.poly(xs, _np32(g), _np32(om), lo, delta, self.bins, coef.contiguous().numpy(), out.numpy())
-            return out
+            sq = kernels.poly(xs, _np32(g), _np32(om), lo, delta, self.bins, coef.contiguous().numpy(), out.numpy())
+            return out, sq
         flat = coef.reshape(-1, coef.shape[-1])
-        off = 0 if g is None else 3
+        off, sq = (0 if g is None else 3), 0.0
         for sl, idx, t in self.coords(x):
             c = flat[idx].reshape(*t.shape, -1)
             v = c[..., off] + t * (c[..., off + 1] + t * (c[..., off + 2] + t * c[..., off + 3]))
@@ -190,17 +192,21 @@ class _Grid:
             if g is not None:
                 v = g[:, sl].double() * (c[..., 0] + t * (c[..., 1] + t * c[..., 2])) + v
             out[:, sl] = v
-        return out
+            if g is None:
+                sq += float((out[:, sl].double() - x[:, sl].double()).square().sum())
+        return out, sq
 
     def interpolate(self, x: torch.Tensor, cubic: torch.Tensor) -> torch.Tensor:
-        """The per-point table, as its per-cell ``cubic`` coefficients, interpolated at every weight."""
-        return self._poly(x, None, cubic)
+        """The per-point table, as its per-cell ``cubic`` coefficients, interpolated at every weight;
+        ``self.sq_error`` is then ``sum (out - x)^2`` (the layer's clustering error, summed in the same pass)."""
+        out, self.sq_error = self._poly(x, None, cubic)
+        return out
 
     def weight_grad(self, x: torch.Tensor, g: torch.Tensor, coef: torch.Tensor,
                     om: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``dL/dx = g Q_b(t) + om P_b(t)`` with the :meth:`grad_coefficients` ``coef`` (``om``: the point weights
         of :meth:`moments`, constant in ``x``)."""
-        return self._poly(x, g, coef, om)
+        return self._poly(x, g, coef, om)[0]
 
     def compact(self, t: torch.Tensor) -> torch.Tensor:
         """``(G, B)`` -> the touched grid points ``(G, P)`` (padded with untouched ones, where h0 = h1 = 0). The
@@ -290,6 +296,7 @@ class BinnedDKM(torch.autograd.Function):
             tab = grid.cubic(grid.expand(engine.table()[..., 0]))
             ctx.replay = functools.partial(_replay_grid, grid, tab)
             out = ctx.replay(x.detach())
+            ctx.sq_error = grid.sq_error  # FakePalettize's clustering error, without another pass
             ctx.state = (engine, grid, tab)
         ctx.save_for_backward(x)
         ctx.sens = sens  # om is rebuilt in backward: the estimate only changes at DKMPalettizer.step()

@@ -265,7 +265,7 @@ class FakePalettize(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(c)
             self.steps += 1
-            sq_error = getattr(out.grad_fn, "sq_error", None)  # the fused engine sums it in its output pass
+            sq_error = getattr(out.grad_fn, "sq_error", None)  # fused, grid binned: summed in the output pass
             self.last_error.fill_(_rms_difference(out, x) if sq_error is None else math.sqrt(sq_error / x.numel()))
         result = self._finish_output(out, scale, weight.dtype)
         if self.recompute and torch.is_grad_enabled() and result.requires_grad:

@@ -30,8 +30,9 @@ def test_each_pass_matches_the_torch_path(monkeypatch, bins):
     grid = _Grid(x, bins)
 
     def passes():
-        return (grid.moments(x), grid.moments(x, om), grid.interpolate(x, cubic), grid.table_grad(x, g),
-                grid.weight_grad(x, g, coef), grid.weight_grad(x, g, coef, om))
+        out = grid.interpolate(x, cubic)
+        return (grid.moments(x), grid.moments(x, om), out, grid.table_grad(x, g),
+                grid.weight_grad(x, g, coef), grid.weight_grad(x, g, coef, om), grid.sq_error)
 
     kernel = passes()
     _torch_path(monkeypatch)
@@ -43,6 +44,9 @@ def test_each_pass_matches_the_torch_path(monkeypatch, bins):
     torch.testing.assert_close(kernel[3], reference[3], rtol=1e-12, atol=1e-11)
     assert torch.equal(kernel[4], reference[4]) and torch.equal(kernel[5], reference[5])
     assert not torch.equal(kernel[4], kernel[5])
+    # the output pass's clustering error: sum (out - x)^2, summed in the pass (kernel: per lane, in another order)
+    expected = float((reference[2].double() - x.double()).square().sum())
+    assert kernel[6] == pytest.approx(expected, rel=1e-12) and reference[6] == pytest.approx(expected, rel=1e-12)
 
 
 def test_binned_dkm_end_to_end_matches_the_torch_path(monkeypatch):
