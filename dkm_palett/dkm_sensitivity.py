@@ -56,7 +56,14 @@ class Sensitivity:
         gradients' scale: float32 sums stay far from underflow, and each step counts the same), then
         ``estimate <- BETA estimate + (1 - BETA) pending`` (the first fold copies it), ``floor <- FLOOR x`` each
         group's mean estimate, ``pending <- 0``. No-op when no backward added anything (a disabled layer, or the
-        hard phase)."""
+        hard phase).
+
+        Under ``torch.distributed`` (initialised, more than one rank) ``pending`` is first averaged over the ranks
+        (one all-reduce of 4 bytes a weight), so the estimate counts every rank's batches and every rank folds the
+        same one: the ranks' centroids stay identical (each rank alone would weight its own batches, and DDP's
+        buffer broadcast would keep rank 0's). Every rank calls this for every sensitivity-weighted layer at every
+        step (``DKMPalettizer.step()``), before anything here can raise, so the collective cannot hang."""
+        _average_over_ranks(pending)
         if not bool(pending.any()):
             return
         pending.div_(pending.mean(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(pending.dtype).tiny))
@@ -67,6 +74,14 @@ class Sensitivity:
         floor.copy_(estimate.mean(dim=(1, 2)) * FLOOR)
         pending.zero_()
         folds.add_(1)
+
+
+def _average_over_ranks(t: torch.Tensor) -> None:
+    """``t`` <- its mean over the ranks of the default process group (in place); nothing without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
 
 
 def active_weights(sens: "Sensitivity | None") -> "torch.Tensor | None":
