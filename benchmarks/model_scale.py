@@ -164,7 +164,8 @@ def run_cell(spec: dict, timeout: float) -> dict:
             res = json.loads(lines[-1][7:])
         else:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            oom = "MemoryError" in proc.stderr or "out of memory" in proc.stderr or proc.returncode == -9
+            oom = proc.returncode == -9 or any(m in proc.stderr for m in ("MemoryError", "out of memory",
+                                                                           "can't allocate memory"))
             res = {"error": ("OOM: " if oom else "") + f"rc={proc.returncode}: {tail[:160]}"}
     res["wall_s"] = time.perf_counter() - t0
     res.update(load)

@@ -111,3 +111,27 @@ def test_report_keeps_a_dkm_impl_cell_apart_from_the_default_one():
     rows = [r for r in _main_table(results) if r.startswith("| 125m |")]
     assert [r.split(" | ")[3] for r in rows] == ["4", "4 (binned)"]
     assert [r.split(" | ")[10] for r in rows] == ["4.00x", "3.00x"]
+
+
+def test_coremltools_table_gives_same_settings_and_defaults_ratios():
+    """coremltools' row divides its step by our 3-iteration step (same settings) and by our default 1-iteration
+    step (defaults), each in its own labelled column; a failed coremltools cell keeps its error."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from model_scale import cell_key
+    from model_scale_report import _ct_table
+
+    base = dict(model="7m", tokens=128, bits=4, steps=3, params=7_300_000, first_s=1.0)
+    plain = {**base, "impl": "plain", "step_s": 0.05, "peak_mib": 400.0}
+    same = {**base, "impl": "ours", "iters": 3, "step_s": 0.4, "peak_mib": 500.0}
+    default = {**base, "impl": "ours", "iters": 1, "step_s": 0.25, "peak_mib": 500.0}
+    ct = {**base, "impl": "coremltools", "step_s": 10.0, "peak_mib": 2400.0}
+    results = {cell_key(c): c for c in (plain, same, default, ct)}
+    header, _, row = _ct_table(results)
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["ct/ours step, same settings"] == "25.00x" and cells["ct/ours step, defaults"] == "40.00x"
+    assert cells["ct/ours extra memory"] == "20.00x"
+    results[cell_key(ct)] = {**ct, "error": "timeout >900 s"}
+    assert "| timeout >900 s |" in _ct_table(results)[2]
+    results[cell_key(ct)] = {**ct, "cap_gib": 10.0, "wall_s": 626.8, "error": "rc=1: RuntimeError: [enforce fail at "
+                             "alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried"}
+    assert "| out of memory (address space capped at 10 GiB) after 627 s |" in _ct_table(results)[2]
