@@ -23,7 +23,10 @@ from dkm_palett.callbacks import DKMPalettizationCallback  # noqa: E402
 HERE = Path(__file__).resolve().parent
 CONFIG = {
     "global_config": {"n_bits": 2, "weight_threshold": 100},
-    "module_name_configs": {"net.3": {"n_bits": 3, "weight_threshold": 100, "milestone": 2}},
+    # net.3 is sensitivity-weighted: step() all-reduces its Fisher estimate on every rank, so this also shows the
+    # collective runs under Lightning without a hang (tests/test_sensitivity_ddp.py checks the averaging itself)
+    "module_name_configs": {"net.3": {"n_bits": 3, "weight_threshold": 100, "milestone": 2,
+                                      "sensitivity_weighted": True}},
 }
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
              "MASTER_ADDR", "MASTER_PORT")
