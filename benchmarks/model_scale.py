@@ -33,6 +33,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "model_scale.json")
+OOM_MARKERS = ("MemoryError", "out of memory", "can't allocate memory")  # in a failed cell's stderr: out of memory
 
 
 def peak_rss_mib() -> float:
@@ -164,8 +165,7 @@ def run_cell(spec: dict, timeout: float) -> dict:
             res = json.loads(lines[-1][7:])
         else:
             tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            oom = proc.returncode == -9 or any(m in proc.stderr for m in ("MemoryError", "out of memory",
-                                                                           "can't allocate memory"))
+            oom = proc.returncode == -9 or any(m in proc.stderr for m in OOM_MARKERS)
             res = {"error": ("OOM: " if oom else "") + f"rc={proc.returncode}: {tail[:160]}"}
     res["wall_s"] = time.perf_counter() - t0
     res.update(load)

@@ -89,10 +89,12 @@ def _params(*rows) -> str:
 
 
 def _ct_error(ct: dict) -> str:
-    """A failed coremltools cell's result: out of memory (torch's allocator message or a kill) under its cap, or
-    the error as recorded (a timeout)."""
+    """A failed coremltools cell's result: out of memory under its cap (``run_cell`` marks it "OOM"; cells from
+    before torch's allocator message counted carry only the message), or the error as recorded (a timeout)."""
+    from model_scale import OOM_MARKERS
+
     err = ct["error"]
-    if err.startswith("OOM") or "can't allocate memory" in err:
+    if err.startswith("OOM") or any(m in err for m in OOM_MARKERS):
         return f"out of memory (address space capped at {ct.get('cap_gib', 0):g} GiB) after {ct['wall_s']:.0f} s"
     return err
 

@@ -39,6 +39,7 @@ def run_rank(rank: int, port: int, out: Path) -> None:
         config = ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=100, sensitivity_weighted=True)
         pal = DKMPalettizer(model, DKMPalettizerConfig(global_config=config))
         pal.prepare(inplace=True)
+        layers = _fake_palettizers(model)
         ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # ranks keep their own buffers
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
@@ -49,11 +50,10 @@ def run_rank(rank: int, port: int, out: Path) -> None:
             nn.functional.cross_entropy(ddp(x), y).backward()
             opt.step()
             if step == 0:  # this rank's own squared gradients, before the first fold
-                saved["pending"] = {k: fp.sensitivity_pending.clone() for k, fp in _fake_palettizers(model).items()}
+                saved["pending"] = {k: fp.sensitivity_pending.clone() for k, fp in layers.items()}
             pal.step()
             if step == 0:
-                saved["first"] = {k: fp.sensitivity_estimate.clone() for k, fp in _fake_palettizers(model).items()}
-        layers = _fake_palettizers(model)
+                saved["first"] = {k: fp.sensitivity_estimate.clone() for k, fp in layers.items()}
         saved["estimate"] = {k: fp.sensitivity_estimate.clone() for k, fp in layers.items()}
         saved["centroids"] = {k: fp.centroids.clone() for k, fp in layers.items()}
         saved["folds"] = {k: int(fp.sensitivity_folds) for k, fp in layers.items()}
