@@ -8,7 +8,8 @@ coremltools) at 1x128 and 1x512 tokens, and ResNet-18/50-shaped CNNs (32x32 inpu
 Each cell runs in its own fresh process: ``plain`` (one warm-up step, then the median of ``--steps`` steps) or a
 DKM implementation (the first step, which includes k-means initialisation, then the median of ``--steps`` later
 steps). Peak memory is the process's peak RSS (``ru_maxrss``), model construction included, so plain and DKM
-cells compare directly. ``--end`` adds ``finalize()`` + ``save_compressed()`` after the DKM steps (their own peak
+cells compare directly. ``plain-trim`` is plain training with dkm_palett's heap trim (``dkm_palett.heap``) before
+the same modules, the like-for-like baseline for DKM's peak. ``--end`` adds ``finalize()`` + ``save_compressed()`` after the DKM steps (their own peak
 RSS and time); ``--coreml`` adds ``export_coreml``. coremltools cells run under an address-space cap
 (``--ct-cap-gib``) and a timeout; hitting either is recorded as the result.
 
@@ -59,6 +60,27 @@ def _palettizer(impl: str, model, bits: int, iters=None, dkm_impl=None):
     return pal, pal.prepare(inplace=True)
 
 
+def _trim_like_dkm(model) -> None:
+    """Plain training with the heap trim dkm_palett does (``dkm_palett.heap``) before the backward of each module DKM
+    would palettize (a weight above the default ``weight_threshold``): always before one of at least
+    ``MMAP_THRESHOLD_MAX`` bytes, otherwise once the free heap grew past ``FREE_HEAP_LIMIT``. The like-for-like
+    baseline for DKM's peak memory."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from dkm_palett import heap
+    from dkm_palett.config.training import ModuleDKMPalettizerConfig
+
+    def arm(module, _args, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            output.register_hook(heap.backward_hook(module.weight.numel() * module.weight.element_size()))
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() > ModuleDKMPalettizerConfig.weight_threshold:
+            module.register_forward_hook(arm)
+
+
 def _end_of_pipeline(pal, model, inputs, out: dict, coreml: bool) -> None:
     from dkm_palett import save_compressed
 
@@ -105,8 +127,14 @@ def worker(spec: dict) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     out: dict = {"params": params, "threads": torch.get_num_threads(), "build_peak_mib": peak_rss_mib()}
     pal = None
-    if spec["impl"] != "plain":
+    if spec["impl"] == "plain-trim":
+        _trim_like_dkm(model)
+    elif spec["impl"] != "plain":
         pal, model = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"), spec.get("dkm_impl"))
+        if spec["impl"] == "ours":
+            from dkm_palett.fake_palettize import FakePalettize
+
+            out["heap_trim"] = FakePalettize.trim_heap  # cells from before dkm_palett.heap lack the key
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     times = []
@@ -133,7 +161,7 @@ def worker(spec: dict) -> dict:
 def cell_key(spec: dict) -> str:
     """``model/tokens/impl[/bits][/iterations][/dkm_impl]``: ours cells name their ``kmeans_max_iter`` (coremltools:
     its 3), and their ``dkm_impl`` when one was asked for."""
-    bits = "" if spec["impl"] == "plain" else f"/{spec['bits']}bit"
+    bits = "" if spec["impl"].startswith("plain") else f"/{spec['bits']}bit"
     iters = f"/{spec['iters']}it" if spec["impl"] == "ours" else ""
     engine = f"/{spec['dkm_impl']}" if spec.get("dkm_impl") else ""
     return f"{spec['model']}/{spec['tokens']}/{spec['impl']}{bits}{iters}{engine}"
@@ -193,7 +221,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["125m", "350m", "1.1b", "resnet18", "resnet50"])
     ap.add_argument("--bits", nargs="+", type=int, default=[4])
     ap.add_argument("--tokens", nargs="+", type=int, default=[128])
-    ap.add_argument("--impls", nargs="+", default=["plain", "ours"], choices=["plain", "ours", "coremltools"])
+    ap.add_argument("--impls", nargs="+", default=["plain", "ours"],
+                    choices=["plain", "plain-trim", "ours", "coremltools"],
+                    help="plain-trim: plain training with dkm_palett's heap trim (the like-for-like memory baseline)")
     ap.add_argument("--kmeans-max-iter", type=int, default=None,
                     help="ours: DKM iterations per step (default: the package default; coremltools always runs its 3)")
     ap.add_argument("--dkm-impl", choices=["auto", "dense", "binned"], default=None,
@@ -229,7 +259,7 @@ def main() -> None:
         for key, spec in specs.items():
             res = run_cell(spec, args.ct_timeout if spec["impl"] == "coremltools" else args.timeout)
             results = load_results(args.results)
-            if spec["impl"] != "plain":  # the plain cell this one's ratios use: the latest when it ran
+            if not spec["impl"].startswith("plain"):  # the plain cell this one's ratios use: the latest when it ran
                 res["plain"] = results.get(cell_key({**spec, "impl": "plain"}))
             results[key] = res
             save_results(results, args.results)

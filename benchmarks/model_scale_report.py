@@ -32,7 +32,7 @@ def _cells(results: dict):
     (``iters``: its ``kmeans_max_iter``; ``bits`` names a non-default ``dkm_impl``, e.g. "4 (binned)"), coremltools
     beside ours at its own 3 iterations and the default engine (or alone)."""
     keys = {(r["model"], r["tokens"], r["bits"], r.get("iters") or CT_ITERS, r.get("dkm_impl") or "")
-            for r in results.values() if r["impl"] != "plain"}
+            for r in results.values() if not r["impl"].startswith("plain")}
     for model, tokens, bits, iters, engine in sorted(
             keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, *k[1:])):
         ct = results.get(f"{model}/{tokens}/coremltools/{bits}bit") if iters == CT_ITERS and not engine else None
@@ -72,8 +72,30 @@ def _main_table(results: dict) -> list[str]:
             f"| {_s(init)} "
             f"| {_s(ours['first_s'] - ours['step_s'])} "
             f"| {_s(ours['step_s'])} | {_ratio(ours['step_s'], ref.get('step_s'))} | {_gib(ref.get('peak_mib'))} "
-            f"| {_gib(ours['peak_mib'])} | {_ratio(ours['peak_mib'], ref.get('peak_mib'))} | {_load(plain, ours)} |")
+            f"| {_gib(ours['peak_mib'])}{_untrimmed(ours)} | {_ratio(ours['peak_mib'], ref.get('peak_mib'))} "
+            f"| {_load(plain, ours)} |")
     return lines
+
+
+def _untrimmed(ours: dict) -> str:
+    """A mark on DKM cells measured before dkm_palett trimmed the heap (dkm_palett.heap)."""
+    return "" if "heap_trim" in ours else " (no trim)"
+
+
+def _trim_table(results: dict) -> list[str]:
+    """DKM's peak against plain training with and without the same heap trim (``plain-trim`` cells)."""
+    lines = ["| model | input | bits | DKM iterations | plain peak RSS | plain peak RSS, heap trimmed as DKM does "
+             "| DKM peak RSS | DKM/plain peak | DKM/trimmed plain peak |", "|---|---|---|---|---|---|---|---|---|"]
+    found = False
+    for model, tokens, bits, iters, plain, ours, _ in _cells(results):
+        trimmed = results.get(f"{model}/{tokens}/plain-trim")
+        if not (_ok(ours) and _ok(trimmed) and "heap_trim" in ours):
+            continue
+        found = True
+        peak, base = ours["peak_mib"], (plain or {}).get("peak_mib")
+        lines.append(f"| {model} | 1x{tokens} | {bits} | {iters} | {_gib(base)} | {_gib(trimmed['peak_mib'])} "
+                     f"| {_gib(peak)} | {_ratio(peak, base)} | {_ratio(peak, trimmed['peak_mib'])} |")
+    return lines if found else []
 
 
 def _load(*cells) -> str:
@@ -194,6 +216,14 @@ def write_report(results: dict) -> str:
            "the load.", "", *_main_table(results), ""]
     if plot(results):
         doc += ["![peak memory vs parameters](../model_scale.png)", ""]
+    trim = _trim_table(results)
+    if trim:
+        doc += ["DKM training gives the C heap's freed memory back to the OS during the backward (glibc "
+                "`malloc_trim`, `dkm_palett.heap`): before each module whose DKM weights take 32 MB or more, and "
+                "before any other DKM module once the free heap grew by 256 MiB since the last trim (cells marked "
+                "*(no trim)* ran before it). Plain training keeps freed memory resident for reuse, so part of the gap "
+                "to plain, in either direction, is glibc's. The like-for-like baseline: plain training with the same "
+                "trim before the same modules (`--impls plain-trim`, its own process):", "", *trim, ""]
     ct = _ct_table(results)
     if ct:
         doc += ["coremltools' `DKMPalettizer` (same config, its own process, capped address space and a timeout; "

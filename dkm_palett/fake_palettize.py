@@ -51,6 +51,10 @@ class FakePalettize(nn.Module):
     #: Recompute the palettized weight in backward instead of letting the module's matmul keep it (4 bytes a
     #: weight until the layer's backward); False keeps it and saves one DKM forward per layer and step.
     recompute = True
+    #: Before a module's DKM backward on CPU, give the C heap's free memory back to the OS once it grew by more than
+    #: 256 MiB since the last trim, and always before a module of at least 32 MB (glibc's ``malloc_trim``; see
+    #: :mod:`dkm_palett.heap`). It lowers the peak.
+    trim_heap = True
 
     def __init__(self, spec: PalettizationSpec, settings: DKMLayerSettings, shape: tuple[int, ...],
                  name: str = "weight"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dkm_palett import recompute, schedule
+from dkm_palett import heap, recompute, schedule
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import DKMPalettizerConfig, ModuleDKMPalettizerConfig, load_dkm_config
 from dkm_palett.fake_palettize import FakePalettize
@@ -79,6 +79,7 @@ class DKMPalettizer:
                 fp.memory_budget = budget
                 parametrize.register_parametrization(module, planned.param_name, fp, unsafe=True)
                 recompute.install(module)
+                heap.install(module)
             else:
                 self.skipped[planned.name] = planned.reason
             if cfg.quantize_activations and is_supported(module) and not hasattr(module, "activation_fake_quant"):
@@ -153,6 +154,7 @@ class DKMPalettizer:
         for module in model.modules():
             if not any(True for _ in fake_palettizers(module)):
                 recompute.uninstall(module)
+                heap.uninstall(module)
         if model is self.model or inplace:
             self.model = model
         return model

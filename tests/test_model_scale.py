@@ -135,3 +135,25 @@ def test_coremltools_table_gives_same_settings_and_defaults_ratios():
     results[cell_key(ct)] = {**ct, "cap_gib": 10.0, "wall_s": 626.8, "error": "rc=1: RuntimeError: [enforce fail at "
                              "alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried"}
     assert "| out of memory (address space capped at 10 GiB) after 627 s |" in _ct_table(results)[2]
+
+
+def test_trim_table_divides_by_both_plain_baselines():
+    """The heap-trim table gives DKM's peak over plain training as users run it and over plain training with the
+    same heap trim (``plain-trim`` cells); DKM cells from before the trim are marked in the main table and left out
+    of this one."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from model_scale import cell_key
+    from model_scale_report import _main_table, _trim_table
+
+    base = dict(model="125m", tokens=128, bits=8, steps=3, params=134_000_000, first_s=10.0, step_s=1.0)
+    plain = {**base, "impl": "plain", "peak_mib": 1600.0}
+    trimmed = {**base, "impl": "plain-trim", "peak_mib": 1280.0}
+    ours = {**base, "impl": "ours", "iters": 1, "peak_mib": 1760.0, "heap_trim": True}
+    results = {cell_key(c): c for c in (plain, trimmed, ours)}
+    assert cell_key(trimmed) == "125m/128/plain-trim"
+    header, _, row = _trim_table(results)
+    cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["DKM/plain peak"] == "1.10x" and cells["DKM/trimmed plain peak"] == "1.38x"
+    assert len([r for r in _main_table(results) if r.startswith("| 125m |")]) == 1  # plain-trim is no DKM row
+    del ours["heap_trim"]
+    assert _trim_table(results) == [] and "(no trim)" in _main_table(results)[2]

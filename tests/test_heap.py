@@ -1,0 +1,156 @@
+"""The C heap's freed memory goes back to the OS during a DKM backward once enough piled up (dkm_palett.heap)."""
+
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig, heap
+from dkm_palett.fake_palettize import FakePalettize
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 32)
+        self.head = nn.Linear(32, 128)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.embed(tokens)))
+
+
+class FakeGlibc:
+    """Stands in for glibc: records trims and reports a free-heap total the test sets."""
+
+    def __init__(self, events):
+        self.events, self.free = events, 0
+
+    def trim(self, pad):
+        self.events.append(("trim", self.free))
+
+    def info(self):
+        return SimpleNamespace(fordblks=self.free)
+
+
+@pytest.fixture
+def glibc(monkeypatch):
+    fake = FakeGlibc([])
+    monkeypatch.setattr(heap, "_glibc", lambda: (fake.trim, fake.info))
+    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0})
+    return fake
+
+
+def _model(milestone=0):
+    torch.manual_seed(0)
+    cfg = ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=1024, milestone=milestone)
+    pal = DKMPalettizer(Net(), DKMPalettizerConfig(global_config=cfg))
+    return pal, pal.prepare()
+
+
+def _step(model, fake, grow=0):
+    """One backward; each DKM module's gradient hook records itself, and the free heap grows by ``grow`` before
+    each module's backward (the head's, then the embedding's)."""
+    def grown(name):
+        def hook(_g):
+            fake.events.append((name, fake.free))
+            fake.free += grow
+        return hook
+
+    tokens = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(1))
+    fake.free += grow
+    model.head.parametrizations.weight.original.register_hook(grown("head grad"))
+    model.embed.parametrizations.weight.original.register_hook(grown("embed grad"))
+    model(tokens).square().mean().backward()
+
+
+def test_trims_before_a_modules_backward_once_the_free_heap_grew_past_the_limit(glibc):
+    _, model = _model()
+    big = heap.FREE_HEAP_LIMIT + 1
+    _step(model, glibc, grow=big)
+    # the head's backward comes first: each module's check runs just before its own backward
+    assert glibc.events == [("trim", big), ("head grad", big), ("trim", 2 * big), ("embed grad", 2 * big)]
+    assert heap._state["free_after_trim"] == 2 * big
+
+
+def test_no_trim_while_the_growth_since_the_last_trim_is_under_the_limit(glibc):
+    _, model = _model()
+    heap._state["free_after_trim"] = glibc.free = 10 * heap.FREE_HEAP_LIMIT  # trimmed there: its chunks stay free
+    _step(model, glibc, grow=heap.FREE_HEAP_LIMIT // 2)  # + 1/2 limit, then + 1: under the limit
+    assert [e[0] for e in glibc.events] == ["head grad", "embed grad"]
+    glibc.free = 4 * heap.FREE_HEAP_LIMIT  # trimmed chunks in use again (resident): the reference follows them down
+    heap.trim_if_large()
+    assert heap._state["free_after_trim"] == 4 * heap.FREE_HEAP_LIMIT and glibc.events[-1][0] == "embed grad"
+    glibc.free += heap.FREE_HEAP_LIMIT + 1
+    heap.trim_if_large()
+    assert glibc.events[-1][0] == "trim"
+
+
+def test_a_module_too_large_for_the_heap_always_trims(glibc, monkeypatch):
+    """Modules of at least MMAP_THRESHOLD_MAX bytes of DKM weights (patched: the 32 KiB embedding, not the 16 KiB
+    head) trim before their backward whatever the growth: their tensors never come from the heap."""
+    monkeypatch.setattr(heap, "MMAP_THRESHOLD_MAX", 24 << 10)
+    _, model = _model()
+    _step(model, glibc, grow=0)
+    assert [e[0] for e in glibc.events] == ["head grad", "trim", "embed grad"]
+
+
+def test_no_check_in_eval_without_grad_before_the_milestone_or_switched_off(glibc, monkeypatch):
+    big = heap.FREE_HEAP_LIMIT + 1
+    _, model = _model()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (4, 8)))
+    model.eval()  # DKM snaps: no DKM backward
+    model(torch.randint(0, 256, (4, 8))).sum().backward()
+    model.train()
+    _, late = _model(milestone=5)  # DKM not started: a plain module
+    _step(late, glibc, grow=big)
+    monkeypatch.setattr(FakePalettize, "trim_heap", False)
+    _step(model, glibc, grow=big)
+    assert [e for e in glibc.events if e[0] == "trim"] == []
+
+
+def test_gradients_are_unchanged(monkeypatch):
+    """The hook only trims (glibc's real malloc_trim here, at every module): gradients are bit-identical with the
+    trim and without it."""
+    grads = []
+    for on in (True, False):
+        monkeypatch.setattr(FakePalettize, "trim_heap", on)
+        monkeypatch.setattr(heap, "FREE_HEAP_LIMIT", -1)
+        _, model = _model()
+        model(torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(1))).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_finalize_removes_the_hook():
+    pal, model = _model()
+    assert any(fn is heap._arm for fn in model.embed._forward_hooks.values())
+    pal.finalize(inplace=True)
+    assert not any(fn is heap._arm for fn in model.embed._forward_hooks.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None, reason="glibc 2.33+ only")
+def test_release_returns_freed_heap_memory_to_the_os():
+    """Freed chunks between live ones stay resident until malloc_trim: 64 MiB of holes (64 KiB chunks, under
+    glibc's smallest mmap threshold, so on the heap) go back, and the free total counts them."""
+    code = textwrap.dedent("""
+        import torch
+        from dkm_palett import heap
+        def rss_mib():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2 ** 20
+        chunks = [torch.ones(16384) for _ in range(2048)]  # 2048 x 64 KiB, touched
+        free0 = heap.free_heap_bytes()
+        del chunks[::2]  # 1024 holes between live chunks: free, still resident
+        freed = (heap.free_heap_bytes() - free0) / 2 ** 20
+        before = rss_mib()
+        heap.release_free_heap()
+        print(freed, before - rss_mib())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    freed, returned = map(float, out.stdout.split()[-2:])
+    assert freed >= 64 and returned > 48  # of the 64 MiB freed (a page per hole stays)
