@@ -58,6 +58,8 @@ def run_rank(rank: int, port: int, out: Path) -> None:
         saved["centroids"] = {k: fp.centroids.clone() for k, fp in layers.items()}
         saved["folds"] = {k: int(fp.sensitivity_folds) for k, fp in layers.items()}
         torch.save(saved, out / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done communicating
+        del ddp, opt  # DDP's reducer holds the group: release it first, so no gloo thread outlives the group
     finally:
         dist.destroy_process_group()
 
