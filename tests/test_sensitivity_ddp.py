@@ -99,3 +99,9 @@ def test_ranks_fold_the_mean_of_their_squared_gradients(tmp_path):
 
 if __name__ == "__main__":
     run_rank(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown once the results are saved and the group destroyed: about one run in 15 a rank
+    # aborted there ("terminate called without an active exception", rc -6), with its results already written.
+    # The cause was not found (also seen with DDP released first); a rank that fails before this still exits non-zero.
+    os._exit(0)
