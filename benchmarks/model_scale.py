@@ -9,8 +9,8 @@ Each cell runs in its own fresh process: ``plain`` (one warm-up step, then the m
 DKM implementation (the first step, which includes k-means initialisation, then the median of ``--steps`` later
 steps). Peak memory is the process's peak RSS (``ru_maxrss``), model construction included, so plain and DKM
 cells compare directly. ``plain-trim`` is plain training with dkm_palett's heap trim (``dkm_palett.heap``) before
-the same modules, the like-for-like baseline for DKM's peak. ``--end`` adds ``finalize()`` + ``save_compressed()`` after the DKM steps (their own peak
-RSS and time); ``--coreml`` adds ``export_coreml``. coremltools cells run under an address-space cap
+the same modules, the like-for-like baseline for DKM's peak. ``--end`` adds ``finalize()`` + ``save_compressed()``
+after the DKM steps (their own peak RSS and time); ``--coreml`` adds ``export_coreml``. coremltools cells run under an address-space cap
 (``--ct-cap-gib``) and a timeout; hitting either is recorded as the result.
 
 Usage::

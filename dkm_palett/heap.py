@@ -18,8 +18,7 @@ module's output, whose gradient arrives just before the module's own backward. T
   transients, and each trim returns at least the limit.
 
 The cost is a few trims a step and faulting the returned pages back in when later layers reuse them (measured in
-benchmarks/results/model_scale.md).
-Trimming on every free instead (``MALLOC_TRIM_THRESHOLD_=0``) made the 125M model's 8-bit step 1.85x slower.
+benchmarks/results/model_scale.md). Trimming on every free instead (``MALLOC_TRIM_THRESHOLD_=0``) made the 125M model's 8-bit step 1.85x slower.
 
 Elsewhere (macOS, Windows, musl, glibc before 2.33) it does nothing. ``FakePalettize.trim_heap = False`` turns it
 off.

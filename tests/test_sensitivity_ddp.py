@@ -58,8 +58,6 @@ def run_rank(rank: int, port: int, out: Path) -> None:
         saved["centroids"] = {k: fp.centroids.clone() for k, fp in layers.items()}
         saved["folds"] = {k: int(fp.sensitivity_folds) for k, fp in layers.items()}
         torch.save(saved, out / f"rank{rank}.pt")
-        dist.barrier()  # both ranks done communicating
-        del ddp, opt  # DDP's reducer holds the group: release it first, so no gloo thread outlives the group
     finally:
         dist.destroy_process_group()
 
@@ -103,5 +101,5 @@ if __name__ == "__main__":
     sys.stderr.flush()
     # Skip the interpreter's teardown once the results are saved and the group destroyed: about one run in 15 a rank
     # aborted there ("terminate called without an active exception", rc -6), with its results already written.
-    # The cause was not found (also seen with DDP released first); a rank that fails before this still exits non-zero.
+    # The cause was not found (releasing DDP before destroying the group did not stop it); a rank that fails before this still exits non-zero.
     os._exit(0)
