@@ -105,8 +105,8 @@ class FusedDKM(torch.autograd.Function):
         zeros = np.zeros((groups, k_n), np.float32)
         gc_parts, ga_parts = np.empty((items, k_n)), np.empty((items, k_n))
         g = g_out[..., 0].contiguous().to(x.dtype).numpy()
-        kernels._backward_kernel(xs, g, cs[-2].numpy(), zeros, cq.numpy(), zeros, tau, np.float32(0.0), True, xs,
-                                 om[1], False, gx, gc_parts, ga_parts)
+        kernels._backward_kernel(xs, g, cs[-2].numpy(), zeros, cq.numpy(), tau, np.float32(0.0), True, xs, om[1],
+                                 False, gx, gc_parts, ga_parts)
         g_c = _per_group(ga_parts, groups)  # the LUT's gradient passes straight through its rounding
         g_table_prev = _per_group(gc_parts, groups) * (2.0 / p.tau)
         for t in range(len(sums) - 1, -1, -1):
@@ -114,7 +114,7 @@ class FusedDKM(torch.autograd.Function):
             g_s, g_z, g_prev = update_backward(g_c.unsqueeze(-1), s.unsqueeze(-1), z, cs[t + 1].double().unsqueeze(-1),
                                                p)
             kernels._backward_kernel(xs, xs, cs[t].numpy(), g_z[..., 0].float().numpy(), g_s[..., 0].float().numpy(),
-                                     g_s[..., 0].float().numpy(), tau, lam, False, *om, gx, gc_parts, ga_parts)
+                                     tau, lam, False, *om, gx, gc_parts, ga_parts)
             g_c = g_prev[..., 0] + _per_group(gc_parts, groups) * (2.0 / p.tau)
             if t == len(sums) - 1:
                 g_c = g_c + g_table_prev

@@ -29,6 +29,9 @@ _LOG2E = 1.4426950408889634
 # Softmax terms under 2^-64 of the largest (which is 1) are 0: far below float32 rounding of their sum, and it keeps
 # denormal numbers (which cost a slow microcode assist per operation on x86) out of the products that use them.
 _EXP2_MIN = np.float32(-64.0)
+# 1.5 * 2^23 + 127: adding it to t in [-64, 0] rounds t to an integer n and leaves n + 127 (2^n's biased exponent)
+# in the low bits (the 1.5 keeps the sum in [2^23, 2^24) for negative t; bits(1.5 * 2^23) << 23 wraps to 0)
+_ROUND = np.float32(1.5 * 2 ** 23 + 127)
 # 2^f for |f| <= 1/2: the degree-6 polynomial interpolating it at the Chebyshev points (near-minimax: 2.5e-9
 # relative in float64; evaluated in float32, 1.8 units of 2^-24, against 1.5 for the degree-7 Taylor polynomial)
 _P = tuple(np.float32(v) for v in Chebyshev.interpolate(lambda f: np.exp2(f), 6, domain=[-0.5, 0.5])
@@ -47,13 +50,28 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _bits_from_f32(typingctx, value):
+    """Reinterpret a float32 as int32 (reads the integer :func:`_exp2_nonpos`'s rounding leaves in the bits)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @numba.njit(inline="always", fastmath=_FAST)
 def _exp2_nonpos(t):
-    """``2^t`` for float32 ``t <= 0`` (slightly positive rounding noise allowed): ``2^n * 2^f`` with ``|f| <= 1/2``,
-    ``f = t - n`` exact, and a degree-6 polynomial; 0 below ``_EXP2_MIN``."""
+    """``2^t`` for float32 ``t <= 0`` (slightly positive rounding noise allowed): ``2^n * 2^f`` with ``|f| <= 1/2``
+    and a degree-6 polynomial; 0 below ``_EXP2_MIN``.
+
+    ``y = t + _ROUND`` rounds ``t`` to the nearest integer ``n`` (float32 spacing is 1 in ``[2^23, 2^24)``) and
+    leaves ``n + 127`` in ``y``'s low bits, so ``bits(y) << 23`` is ``2^n``'s float32 bit pattern and
+    ``f = t - (y - _ROUND)`` is exact: 4 vector operations for what ``floor``, a conversion and integer arithmetic
+    took 6."""
     tc = t if t > _EXP2_MIN else _EXP2_MIN
-    n = np.floor(tc + np.float32(0.5))
-    f = tc - n
+    y = tc + _ROUND
+    f = tc - (y - _ROUND)
     p = _P[6]
     p = p * f + _P[5]
     p = p * f + _P[4]
@@ -61,7 +79,7 @@ def _exp2_nonpos(t):
     p = p * f + _P[2]
     p = p * f + _P[1]
     p = p * f + _P[0]
-    e = p * _f32_from_bits(np.int32(n) * np.int32(1 << 23) + np.int32(127 << 23))
+    e = p * _f32_from_bits(_bits_from_f32(y) << np.int32(23))
     return e if t > _EXP2_MIN else np.float32(0.0)
 
 
@@ -194,41 +212,66 @@ def _table_kernel(x, c, cq, tau, out, sq_out):
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _grad_attention(a, r, tot, totw, weighted, ys, nb, alpha, beta, gs, lam, table, dot, g_direct, acc_a):
-    """One block of the backward, step 1, from the unnormalised terms ``a`` and ``tot`` = one over their sum:
-    ``dot = sum_k w_k dL/dw_k`` with ``dL/dw_k = alpha_k + beta_k y`` (times ``r_k`` with palett_lambda); adds
-    ``x``'s direct share ``sum_k w_k gs_k`` (iterations) into ``g_direct`` and ``w_k y`` (the table: the LUT's
-    gradient) into ``acc_a``. ``alpha``/``beta``/``gs``: the group's rows. ``totw`` is ``tot`` times the point
-    weights of a ``weighted`` iteration (``tot`` itself otherwise): ``x``'s direct share carries its weight."""
+def _terms_moments(xs, ys, n, c, tau, alpha, beta, table, a, m, tot, dot, pb):
+    """:func:`_terms` without palett_lambda, with the backward's per-point sums made in the same loop (no second
+    pass over the terms): ``dot[:n] = sum_k w_k (alpha_k + beta_k y)`` (``sum_k w_k beta_k y`` in the ``table``
+    pass, whose ``alpha`` is 0) and ``pb[:n] = sum_k a_k beta_k``, unnormalised (``tot`` = one over the sum of the
+    terms)."""
+    s = np.float32(_LOG2E / tau)
+    _nearest(xs, n, c, m)
+    for i in range(n):
+        tot[i] = 0
+        dot[i] = 0
+        pb[i] = 0
+    for k in range(c.shape[0]):
+        ck, al, be, ak = c[k], alpha[k], beta[k], a[k]
+        if table:
+            for i in range(n):
+                d = xs[i] - ck
+                e = _exp2_nonpos((m[i] - d * d) * s)
+                ak[i] = e
+                tot[i] += e
+                pb[i] += e * be
+        else:
+            for i in range(n):
+                d = xs[i] - ck
+                e = _exp2_nonpos((m[i] - d * d) * s)
+                ak[i] = e
+                tot[i] += e
+                dot[i] += e * al
+                pb[i] += e * be
+    for i in range(n):
+        t = np.float32(1.0) / tot[i]
+        tot[i] = t
+        dot[i] = t * (dot[i] + ys[i] * pb[i])
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _robust_attention(a, r, tot, totw, ys, nb, alpha, beta, dot, g_direct):
+    """With palett_lambda, from the unnormalised terms ``a``, robust weights ``r`` and ``tot`` = one over the sum of
+    the terms: ``dot = sum_k w_k r_k dL/dw_k`` with ``dL/dw_k = alpha_k + beta_k y``, and ``x``'s direct share
+    ``g_direct = sum_k w_k r_k beta_k`` (times the point weight: ``totw``)."""
     dot[:nb] = 0
     g_direct[:nb] = 0
     for k in range(a.shape[0]):
-        ak, rk, acca = a[k], r[k], acc_a[k]
-        al, be, gsk = alpha[k], beta[k], gs[k]
-        if lam > 0:
-            for i in range(nb):
-                w = ak[i] * tot[i]
-                g_direct[i] += ak[i] * totw[i] * rk[i] * gsk
-                dot[i] += w * (al + be * ys[i]) * rk[i]
-        elif table:
-            for i in range(nb):
-                w = ak[i] * tot[i]
-                acca[i] += w * ys[i]
-                dot[i] += w * (al + be * ys[i])
-        elif not weighted:  # one product for both sums
-            for i in range(nb):
-                w = ak[i] * tot[i]
-                g_direct[i] += w * gsk
-                dot[i] += w * (al + be * ys[i])
-        else:
-            for i in range(nb):
-                g_direct[i] += ak[i] * totw[i] * gsk
-                dot[i] += ak[i] * tot[i] * (al + be * ys[i])
+        ak, rk, al, be = a[k], r[k], alpha[k], beta[k]
+        for i in range(nb):
+            g_direct[i] += ak[i] * totw[i] * rk[i] * be
+            dot[i] += ak[i] * tot[i] * (al + be * ys[i]) * rk[i]
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _table_grad(a, tot, ys, nb, acc_a):
+    """``acc_a[k, :nb] += w_k y``: the LUT's gradient, per lane (the table pass)."""
+    for k in range(a.shape[0]):
+        ak, acca = a[k], acc_a[k]
+        for i in range(nb):
+            acca[i] += ak[i] * tot[i] * ys[i]
 
 
 @numba.njit(inline="always", fastmath=_FAST)
 def _grad_logits(a, r, totw, xs, ys, nb, c, alpha, beta, lam, dot, g_dist, acc_c):
-    """One block of the backward, step 2: the logits' gradient ``G_k = w_k (dL/dw_k - dot)`` (plus palett_lambda's
+    """The second loop over the centroids: the logits' gradient ``G_k = w_k (dL/dw_k - dot)`` (plus palett_lambda's
     term), recomputed per centroid rather than kept, and ``G_k (x - c_k)`` summed over k into ``g_dist`` and per
     centroid into ``acc_c``. ``c``/``alpha``/``beta``: the group's rows. A weighted iteration's ``G`` carries the
     point weight (every ``dL/dw_k`` does), through ``totw``."""
@@ -251,19 +294,19 @@ def _grad_logits(a, r, totw, xs, ys, nb, c, alpha, beta, lam, dot, g_dist, acc_c
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, om, om_floor, weighted, gx, gc_out, ga_out):
+def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om, om_floor, weighted, gx, gc_out, ga_out):
     """Backward of one pass through the attention ``a(x; c)`` (times ``r`` with palett_lambda), for an upstream
     gradient on the weights ``dL/dw[i, k] = alpha_k + beta_k y_i``:
 
-    * the output table (``table=True``): ``y = dL/dout``, ``beta = LUT``, ``alpha = 0``; also
-      ``ga_out[k] = sum_i a_ik y_i`` (the LUT's gradient);
+    * the output table (``table=True``, always with ``lam = 0``): ``y = dL/dout``, ``beta = LUT``, ``alpha = 0``;
+      also ``ga_out[k] = sum_i a_ik y_i`` (the LUT's gradient);
     * an iteration (``table=False``): ``y = x``, ``(alpha, beta) = (dL/dz, dL/ds)``, and ``x``'s direct share
-      ``sum_k w_ik gs_k`` of ``s = sum_i w_i x_i``; ``weighted``: every point's terms times its weight
+      ``sum_k w_ik beta_k`` of ``s = sum_i w_i x_i``; ``weighted``: every point's terms times its weight
       ``om[g, i] + om_floor[g]`` (as in :func:`_sums_kernel`).
 
     Adds ``dL/dx`` into ``gx (G, N)`` (the table pass, which runs first, writes it); writes
     ``sum_i G_ik (x_i - c_k)`` per work item into ``gc_out``, where ``G = dL/dlogits`` (``dL/dc = 2 / tau`` times
-    it)."""
+    it). Two loops over the centroids per block: the terms with the per-point sums, then the logits' gradient."""
     groups, n = x.shape
     k_n = c.shape[1]
     items = (n + CHUNK - 1) // CHUNK
@@ -279,17 +322,22 @@ def _backward_kernel(x, y, c, alpha, beta, gs, tau, lam, table, om, om_floor, we
         for b0 in range(lo, min(n, lo + CHUNK), BLOCK):
             nb = min(BLOCK, n - b0)
             xs, ys = x[g, b0:b0 + nb], y[g, b0:b0 + nb]
-            _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
-            if weighted:  # two call sites, so the unweighted one compiles exactly as without weights
-                totw[:nb] = tot[:nb]
+            if lam > 0:
+                _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
+            else:  # g_direct = sum_k a_k beta_k for now
+                _terms_moments(xs, ys, nb, c[g], tau, alpha[g], beta[g], table, a, m, tot, dot, g_direct)
+            totw[:nb] = tot[:nb]
+            if weighted:
                 _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, totw)
-                _grad_attention(a, r, tot, totw, True, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct,
-                                acc_a)
-                _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
+            if lam > 0:
+                _robust_attention(a, r, tot, totw, ys, nb, alpha[g], beta[g], dot, g_direct)
+            elif table:
+                _table_grad(a, tot, ys, nb, acc_a)
+                g_direct[:nb] = 0
             else:
-                _grad_attention(a, r, tot, tot, False, ys, nb, alpha[g], beta[g], gs[g], lam, table, dot, g_direct,
-                                acc_a)
-                _grad_logits(a, r, tot, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
+                for i in range(nb):
+                    g_direct[i] *= totw[i]
+            _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
             out = gx[g, b0:b0 + nb]
             if table:  # the first backward pass: gx starts here (uninitialised, not zeroed: one pass less)
                 for i in range(nb):

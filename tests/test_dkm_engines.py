@@ -117,6 +117,32 @@ def test_fused_is_exact_where_the_attention_is_sharp():
     assert rel(out2, out) <= 1e-6 and rel(c2, c) <= 1e-6 and rel(gx2, gx) <= 5e-6
 
 
+def test_fused_exp2_is_within_2_ulp_and_zero_below_its_floor():
+    """The kernels' ``2^t`` (exponent bits and a polynomial) on a dense grid of ``t`` in [-64, 0] and at the
+    rounding's ties, against float64: at most 2 units in the last place of the float32 result. A common relative
+    error cancels in the softmax, so the engine tests alone would not see one."""
+    import numba
+    import numpy as np
+
+    from dkm_palett import dkm_fused_kernels as kernels
+
+    @numba.njit
+    def evaluate(t, out):
+        for i in range(t.shape[0]):
+            out[i] = kernels._exp2_nonpos(t[i])
+
+    ties = np.arange(-63.5, 0.0, 1.0)
+    t = np.concatenate([np.linspace(-63.99, 0.0, 400_001), ties, [-1e-7, 0.0, 1e-7]]).astype(np.float32)
+    out = np.empty_like(t)
+    evaluate(t, out)
+    ref = np.exp2(t.astype(np.float64))
+    ulps = np.abs(out - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 2.0, (t[ulps.argmax()], ulps.max())
+    below = np.float32([-64.0, -64.5, -100.0, -1e30])
+    evaluate(below, out[:4])
+    assert (out[:4] == 0).all()
+
+
 def test_fused_results_do_not_depend_on_the_thread_count():
     torch.manual_seed(3)
     x = torch.randn(2, 70000, 1) * 0.02
