@@ -261,25 +261,24 @@ def _robust_attention(a, r, tot, totw, ys, nb, alpha, beta, dot, g_direct):
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _table_grad(a, tot, ys, nb, acc_a):
-    """``acc_a[k, :nb] += w_k y``: the LUT's gradient, per lane (the table pass)."""
-    for k in range(a.shape[0]):
-        ak, acca = a[k], acc_a[k]
-        for i in range(nb):
-            acca[i] += ak[i] * tot[i] * ys[i]
-
-
-@numba.njit(inline="always", fastmath=_FAST)
-def _grad_logits(a, r, totw, xs, ys, nb, c, alpha, beta, lam, dot, g_dist, acc_c):
+def _grad_logits(a, r, totw, xs, ys, nb, c, alpha, beta, lam, table, dot, g_dist, acc_c, acc_a):
     """The second loop over the centroids: the logits' gradient ``G_k = w_k (dL/dw_k - dot)`` (plus palett_lambda's
     term), recomputed per centroid rather than kept, and ``G_k (x - c_k)`` summed over k into ``g_dist`` and per
-    centroid into ``acc_c``. ``c``/``alpha``/``beta``: the group's rows. A weighted iteration's ``G`` carries the
-    point weight (every ``dL/dw_k`` does), through ``totw``."""
+    centroid into ``acc_c``; in the ``table`` pass also ``w_k y`` into ``acc_a`` (the LUT's gradient).
+    ``c``/``alpha``/``beta``: the group's rows. A weighted iteration's ``G`` carries the point weight (every
+    ``dL/dw_k`` does), through ``totw``."""
     g_dist[:nb] = 0
     for k in range(a.shape[0]):
-        ak, rk, ck, accc = a[k], r[k], c[k], acc_c[k]
+        ak, rk, ck, accc, acca = a[k], r[k], c[k], acc_c[k], acc_a[k]
         al, be = alpha[k], beta[k]
-        if lam > 0:
+        if table:  # unweighted, lam = 0: totw is tot
+            for i in range(nb):
+                w = ak[i] * totw[i]
+                acca[i] += w * ys[i]
+                gl_diff = w * ((al + be * ys[i]) - dot[i]) * (xs[i] - ck)
+                g_dist[i] += gl_diff
+                accc[i] += gl_diff
+        elif lam > 0:
             for i in range(nb):
                 w, gw = ak[i] * totw[i], al + be * ys[i]
                 gl = w * (gw * rk[i] - dot[i]) + lam * w * rk[i] * rk[i] * gw
@@ -332,12 +331,11 @@ def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om, om_floor, weight
             if lam > 0:
                 _robust_attention(a, r, tot, totw, ys, nb, alpha[g], beta[g], dot, g_direct)
             elif table:
-                _table_grad(a, tot, ys, nb, acc_a)
                 g_direct[:nb] = 0
             else:
                 for i in range(nb):
                     g_direct[i] *= totw[i]
-            _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, dot, g_dist, acc_c)
+            _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, table, dot, g_dist, acc_c, acc_a)
             out = gx[g, b0:b0 + nb]
             if table:  # the first backward pass: gx starts here (uninitialised, not zeroed: one pass less)
                 for i in range(nb):
