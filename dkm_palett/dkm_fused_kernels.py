@@ -225,7 +225,7 @@ def _terms_moments(xs, ys, n, c, tau, alpha, beta, table, a, m, tot, dot, pb):
         pb[i] = 0
     for k in range(c.shape[0]):
         ck, al, be, ak = c[k], alpha[k], beta[k], a[k]
-        if table:
+        if table:  # alpha is 0 there: one multiply-add per term fewer than the loop below
             for i in range(n):
                 d = xs[i] - ck
                 e = _exp2_nonpos((m[i] - d * d) * s)
