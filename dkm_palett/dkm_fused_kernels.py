@@ -325,17 +325,19 @@ def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om, om_floor, weight
                 _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
             else:  # g_direct = sum_k a_k beta_k for now
                 _terms_moments(xs, ys, nb, c[g], tau, alpha[g], beta[g], table, a, m, tot, dot, g_direct)
-            totw[:nb] = tot[:nb]
+            tw = tot  # the normalisers times the point weights (a copy only when there are weights)
             if weighted:
+                totw[:nb] = tot[:nb]
                 _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, totw)
+                tw = totw
             if lam > 0:
-                _robust_attention(a, r, tot, totw, ys, nb, alpha[g], beta[g], dot, g_direct)
+                _robust_attention(a, r, tot, tw, ys, nb, alpha[g], beta[g], dot, g_direct)
             elif table:
                 g_direct[:nb] = 0
             else:
                 for i in range(nb):
-                    g_direct[i] *= totw[i]
-            _grad_logits(a, r, totw, xs, ys, nb, c[g], alpha[g], beta[g], lam, table, dot, g_dist, acc_c, acc_a)
+                    g_direct[i] *= tw[i]
+            _grad_logits(a, r, tw, xs, ys, nb, c[g], alpha[g], beta[g], lam, table, dot, g_dist, acc_c, acc_a)
             out = gx[g, b0:b0 + nb]
             if table:  # the first backward pass: gx starts here (uninitialised, not zeroed: one pass less)
                 for i in range(nb):
