@@ -43,14 +43,16 @@ SEQ = 64
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: variant name -> (palettizer, extra ModuleDKMPalettizerConfig fields). "ours" is the default config. The lever
-#: variants pin coremltools' kmeans_max_iter=3, the default when their rows were measured (it is 1 since 2026-12-06).
-ITER_3 = {"kmeans_max_iter": 3}
+#: variants pin what the defaults were when their rows were measured: coremltools' kmeans_max_iter=3 (1 since
+#: 2026-12-06) and no sensitivity weighting ("auto", on at 2 bits, since 2026-12-07).
+ITER_3 = {"kmeans_max_iter": 3, "sensitivity_weighted": False}
 VARIANTS = {
     "float": ("reference", {}),
     "post-training": ("reference", {}),
     "coremltools": ("coremltools", {}),
     "ours": ("ours", {}),
-    "ours-sensitivity": ("ours", {"sensitivity_weighted": True}),  # the defaults plus sensitivity_weighted=True
+    "ours-sensitivity": ("ours", {"sensitivity_weighted": True}),  # the defaults, sensitivity weighting at every width
+    "ours-no-sensitivity": ("ours", {"sensitivity_weighted": False}),  # the defaults, no sensitivity weighting
     "ours-iter-3": ("ours", ITER_3),  # coremltools' default: 3 k-means iterations a step (twice the passes of 1)
     "ours-no-levers": ("ours", {**ITER_3, "finalize_lut": "dkm", "hard_fraction": 0.0}),
     "ours-hard-0.5": ("ours", {**ITER_3, "hard_fraction": 0.5}),
@@ -286,9 +288,12 @@ TABLE_NOTE = (
     "Before = the validation loss through the trained model's palettization layers in training mode (DKM's soft\n"
     'forward); after = the finalized `LUT[indices]` model. Means ± sample std over seeds; "- coremltools" is paired per\n'
     'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`, `kmeans_max_iter=1`: one k-means iteration a\n'
-    "training step), `ours-sensitivity` = the defaults and `sensitivity_weighted=True` (the centroid update and the\n"
-    "finalize means weighted by each weight's running squared gradient), `ours-iter-3` = `kmeans_max_iter=3`\n"
-    "(coremltools' default, and ours before 2026-12-06: twice the passes). The lever rows run 3 iterations too:\n"
+    'training step; `sensitivity_weighted="auto"`: the centroid update and the finalize means weighted by each\n'
+    "weight's running squared gradient, factored, at 2 bits and fewer), `ours-sensitivity` = the defaults with the\n"
+    'weighting at every width (3 and 4 bits; at 2 bits that is `ours`), `ours-no-sensitivity` = the defaults without\n'
+    'it (2 bits; at 3 and 4 bits that is `ours`), `ours-iter-3` = `kmeans_max_iter=3` (coremltools\' default, and\n'
+    'ours before 2026-12-06: twice the passes). The lever rows run 3 iterations and no weighting too (the defaults\n'
+    'when they were measured):\n'
     '`ours-no-levers` = `finalize_lut="dkm"`, `ours-hard-F` =\n'
     '`hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through gradient; 1.0 =\n'
     'every step), `ours-mixed-2.5` = `plan_bits(average_bits=2.5)` over 2/3/4 bits (8 training batches for the\n'

@@ -105,7 +105,7 @@ class FusedDKM(torch.autograd.Function):
         zeros = np.zeros((groups, k_n), np.float32)
         gc_parts, ga_parts = np.empty((items, k_n)), np.empty((items, k_n))
         g = g_out[..., 0].contiguous().to(x.dtype).numpy()
-        kernels._backward_kernel(xs, g, cs[-2].numpy(), zeros, cq.numpy(), tau, np.float32(0.0), True, xs, om[1],
+        kernels._backward_kernel(xs, g, cs[-2].numpy(), zeros, cq.numpy(), tau, np.float32(0.0), True, *om[:3],
                                  False, gx, gc_parts, ga_parts)
         g_c = _per_group(ga_parts, groups)  # the LUT's gradient passes straight through its rounding
         g_table_prev = _per_group(gc_parts, groups) * (2.0 / p.tau)

@@ -126,10 +126,20 @@ def _terms(xs, n, c, tau, lam, a, r, m, tot):
 
 
 @numba.njit(inline="always", fastmath=_FAST)
-def _point_weights(om, om_floor, n, tot):
-    """``tot[:n] *= om[:n] + om_floor``: the block's normalisers times its point weights."""
-    for i in range(n):
-        tot[i] *= om[i] + om_floor
+def _point_weights(om_rows, om_cols, om_floor, b0, n, tot):
+    """``tot[:n] *= om_rows[p // C] * om_cols[p % C] + om_floor`` for the points ``p = b0 .. b0 + n - 1``: the
+    block's normalisers times its point weights, made from their factors (:mod:`dkm_palett.dkm_sensitivity`) one
+    stretch of a row at a time, so the inner loop runs over contiguous columns."""
+    cols = om_cols.shape[0]
+    row, col, done = b0 // cols, b0 % cols, 0
+    while done < n:
+        stretch = min(n - done, cols - col)
+        weight = om_rows[row]
+        for i in range(stretch):
+            tot[done + i] *= weight * om_cols[col + i] + om_floor
+        done += stretch
+        row += 1
+        col = 0
 
 
 @numba.njit(inline="always")
@@ -140,10 +150,11 @@ def _scratch(k):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _sums_kernel(x, c, tau, lam, om, om_floor, weighted, s_out, z_out):
+def _sums_kernel(x, c, tau, lam, om_rows, om_cols, om_floor, weighted, s_out, z_out):
     """One k-means iteration's sums per work item: ``s[k] = sum_i w_ik x_i``, ``z[k] = sum_i w_ik`` with
-    ``w = a`` (times ``r`` with palett_lambda; times the point weight ``om[g, i] + om_floor[g]`` when ``weighted``,
-    otherwise ``om`` is not read). ``s_out``, ``z_out``: ``(G * items, K)`` float64."""
+    ``w = a`` (times ``r`` with palett_lambda; times the point weight ``om_rows[g, i // C] * om_cols[i % C] +
+    om_floor`` when ``weighted``, otherwise ``om_*`` are not read). ``s_out``, ``z_out``: ``(G * items, K)``
+    float64."""
     groups, n = x.shape
     k_n = c.shape[1]
     items = (n + CHUNK - 1) // CHUNK
@@ -158,7 +169,7 @@ def _sums_kernel(x, c, tau, lam, om, om_floor, weighted, s_out, z_out):
             xs = x[g, b0:b0 + nb]
             _terms(xs, nb, c[g], tau, lam, a, r, m, tot)  # a unnormalised, tot = 1 / sum
             if weighted:  # the point weights fold into the normaliser: no extra work per centroid
-                _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, tot)
+                _point_weights(om_rows[g], om_cols, om_floor, b0, nb, tot)
             for i in range(nb):
                 wx[i] = xs[i] * tot[i]
             for k in range(k_n):
@@ -293,7 +304,8 @@ def _grad_logits(a, r, totw, xs, ys, nb, c, alpha, beta, lam, table, dot, g_dist
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
-def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om, om_floor, weighted, gx, gc_out, ga_out):
+def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om_rows, om_cols, om_floor, weighted, gx, gc_out,
+                     ga_out):
     """Backward of one pass through the attention ``a(x; c)`` (times ``r`` with palett_lambda), for an upstream
     gradient on the weights ``dL/dw[i, k] = alpha_k + beta_k y_i``:
 
@@ -301,7 +313,7 @@ def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om, om_floor, weight
       also ``ga_out[k] = sum_i a_ik y_i`` (the LUT's gradient);
     * an iteration (``table=False``): ``y = x``, ``(alpha, beta) = (dL/dz, dL/ds)``, and ``x``'s direct share
       ``sum_k w_ik beta_k`` of ``s = sum_i w_i x_i``; ``weighted``: every point's terms times its weight
-      ``om[g, i] + om_floor[g]`` (as in :func:`_sums_kernel`).
+      ``om_rows[g, i // C] * om_cols[i % C] + om_floor`` (as in :func:`_sums_kernel`).
 
     Adds ``dL/dx`` into ``gx (G, N)`` (the table pass, which runs first, writes it); writes
     ``sum_i G_ik (x_i - c_k)`` per work item into ``gc_out``, where ``G = dL/dlogits`` (``dL/dc = 2 / tau`` times
@@ -328,7 +340,7 @@ def _backward_kernel(x, y, c, alpha, beta, tau, lam, table, om, om_floor, weight
             tw = tot  # the normalisers times the point weights (a copy only when there are weights)
             if weighted:
                 totw[:nb] = tot[:nb]
-                _point_weights(om[g, b0:b0 + nb], om_floor[g], nb, totw)
+                _point_weights(om_rows[g], om_cols, om_floor, b0, nb, totw)
                 tw = totw
             if lam > 0:
                 _robust_attention(a, r, tot, tw, ys, nb, alpha[g], beta[g], dot, g_direct)

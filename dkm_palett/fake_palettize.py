@@ -14,9 +14,10 @@ from dkm_palett import kmeans as km
 from dkm_palett import recompute
 from dkm_palett.kmeans.histogram import histogram_points
 from dkm_palett.budget import MemoryBudget
+from dkm_palett.config.training import ModuleDKMPalettizerConfig
 from dkm_palett.dkm_binned import BinnedDKM, grid_points
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
-from dkm_palett.dkm_sensitivity import Sensitivity, active_weights
+from dkm_palett.dkm_sensitivity import Sensitivity, active_weights, factor_shapes
 from dkm_palett.layer_settings import DKMLayerSettings
 from dkm_palett.lut import (
     PalettizedTensor,
@@ -79,11 +80,16 @@ class FakePalettize(nn.Module):
         self.register_buffer("zero_index", torch.tensor(-1 if zero_index is None else zero_index))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_error", torch.tensor(float("nan")))
-        if settings.sensitivity_weighted:  # dkm_palett.dkm_sensitivity: 8 bytes a weight
-            points = (n_groups, math.prod(self.shape) // n_groups // spec.cluster_dim, 1)
-            self.register_buffer("sensitivity_estimate", torch.zeros(points))
-            self.register_buffer("sensitivity_pending", torch.zeros(points))
-            self.register_buffer("sensitivity_floor", torch.zeros(n_groups))
+        #: sensitivity_weighted, resolved for this layer's n_bits ("auto": on at 2 bits)
+        self.sensitivity_weighted = ModuleDKMPalettizerConfig.sensitivity_weighted_at(settings.sensitivity_weighted,
+                                                                                      spec.n_bits)
+        if self.sensitivity_weighted:  # dkm_palett.dkm_sensitivity: factored, rows + cols numbers a weight matrix
+            rows, cols = factor_shapes(n_groups, math.prod(self.shape) // n_groups // spec.cluster_dim,
+                                       self.group_size, spec.cluster_dim)
+            self.register_buffer("sensitivity_rows", torch.zeros(rows))
+            self.register_buffer("sensitivity_cols", torch.zeros(cols))
+            self.register_buffer("sensitivity_pending_rows", torch.zeros(rows))
+            self.register_buffer("sensitivity_pending_cols", torch.zeros(cols))
             self.register_buffer("sensitivity_folds", torch.tensor(0, dtype=torch.int64))
         self._seed = zlib.crc32(name.encode())
         self.init_progress: Optional[LayerProgress] = None  # set by DKMPalettizer: one bar over the layers' inits
@@ -110,17 +116,17 @@ class FakePalettize(nn.Module):
 
     def sensitivity(self) -> Optional[Sensitivity]:
         """The centroid-update weights (``sensitivity_weighted``), or None."""
-        if not self.settings.sensitivity_weighted:
+        if not self.sensitivity_weighted:
             return None
-        return Sensitivity(self.sensitivity_estimate, self.sensitivity_floor, self.sensitivity_pending,
-                           active=int(self.sensitivity_folds) > 0)
+        return Sensitivity(self.sensitivity_rows, self.sensitivity_cols, self.sensitivity_pending_rows,
+                           self.sensitivity_pending_cols, active=int(self.sensitivity_folds) > 0)
 
     @torch.no_grad()
     def fold_sensitivity(self) -> None:
         """Once a training step (``DKMPalettizer.step()``): fold this step's squared gradients into the estimate."""
-        if self.settings.sensitivity_weighted:
-            Sensitivity.fold(self.sensitivity_estimate, self.sensitivity_pending, self.sensitivity_floor,
-                             self.sensitivity_folds)
+        if self.sensitivity_weighted:
+            Sensitivity.fold(self.sensitivity_rows, self.sensitivity_cols, self.sensitivity_pending_rows,
+                             self.sensitivity_pending_cols, self.sensitivity_folds)
 
     def _prepare_input(self, weight: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Prune, scale and regroup the weight into ``(G, N, D)`` float32 vectors (differentiable)."""
@@ -156,7 +162,7 @@ class FakePalettize(nn.Module):
         if cfg.dkm_impl == "dense":
             return exact, 0
         if self._exact_dtype(weight) is not None:  # exact bins per fp16/bf16 value (no sensitivity weights there)
-            return (exact, 0) if cfg.sensitivity_weighted else ("binned", 0)
+            return (exact, 0) if self.sensitivity_weighted else ("binned", 0)
         if cfg.dkm_impl == "auto" and exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
             return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
         bins = grid_points(x[..., 0], c0, cfg.palett_tau)

@@ -265,7 +265,7 @@ class SensitivitySpy(Callback):
         self.seen = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seen.append({name: (int(fp.sensitivity_folds), float(fp.sensitivity_pending.abs().sum()))
+        self.seen.append({name: (int(fp.sensitivity_folds), float(fp.sensitivity_pending_cols.abs().sum()))
                           for name, _, _, fp in fake_palettizers(pl_module)})
 
 

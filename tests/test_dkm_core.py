@@ -359,8 +359,9 @@ def test_half_precision_weights_take_the_exact_binned_path_and_match_dense():
     for impl in ("auto", "dense"):
         torch.manual_seed(0)
         layer = nn.Sequential(nn.Linear(64, 96)).to(torch.bfloat16)
+        # unweighted: the per-value bins take no sensitivity weights (the 2-bit default's would send it to "fused")
         pal = DKMPalettizer(layer, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(
-            n_bits=2, weight_threshold=0, dkm_impl=impl, dkm_bins=1024)))
+            n_bits=2, weight_threshold=0, dkm_impl=impl, dkm_bins=1024, sensitivity_weighted=False)))
         pal.prepare(inplace=True)
         fp = layer[0].parametrizations.weight[0]
         original = layer[0].parametrizations.weight.original

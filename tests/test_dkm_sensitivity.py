@@ -1,5 +1,5 @@
 """sensitivity_weighted: the weighted centroid update (every engine against the plain-autograd reference), the
-estimate the backward passes feed, the weighted finalize LUT, config checks and checkpoints."""
+factored estimate the backward passes feed, the weighted finalize LUT, config checks and checkpoints."""
 
 import pytest
 import torch
@@ -13,14 +13,18 @@ from dkm_palett.dkm_sensitivity import BETA, FLOOR, Sensitivity
 from dkm_palett.palettizer import fake_palettizers
 
 
-def _problem(groups=2, n=3000, k=4, seed=0):
+def _problem(groups=2, rows=60, cols=50, k=4, seed=0):
+    """``n = rows * cols`` weights per group, uneven factored weights (so weighting changes the result)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(groups, n, 1, generator=gen) * 0.02
+    x = torch.randn(groups, rows * cols, 1, generator=gen) * 0.02
     c0 = torch.sort(torch.randn(groups, k, 1, generator=gen) * 0.02, dim=1).values
-    estimate = torch.rand(groups, n, 1, generator=gen) * 3  # uneven weights, so weighting changes the result
-    floor = torch.linspace(0.01, 0.03, groups)
-    g = torch.randn(groups, n, 1, generator=gen)
-    return x, c0, estimate, floor, g
+    r, c = torch.rand(groups, rows, generator=gen) * 3, torch.rand(cols, generator=gen) * 2
+    g = torch.randn(groups, rows * cols, 1, generator=gen)
+    return x, c0, r, c, g
+
+
+def _sensitivity(r, c, active=True):
+    return Sensitivity(r, c, torch.zeros_like(r), torch.zeros_like(c), active=active)
 
 
 def _relative(a, b):
@@ -30,13 +34,13 @@ def _relative(a, b):
 @pytest.mark.parametrize("engine", ["fused", "dense", "binned"])
 @pytest.mark.parametrize("lam,iters", [(0.0, 1), (0.3, 2)])
 def test_weighted_update_matches_reference(engine, lam, iters):
-    x, c0, estimate, floor, g = _problem()
+    x, c0, r, c, g = _problem()
     p = DKMParams(tau=1e-4, max_iter=iters, lam=lam, epsilon=0.0)
-    om = (estimate + floor.view(-1, 1, 1)).double()
+    om = (r.double().unsqueeze(-1) * c.double()).reshape(x.shape) + FLOOR  # point n = i * cols + j
     x_ref = x.double().requires_grad_()
     out_ref, c_ref = dkm_reference(x_ref, c0.double(), p, om)
     out_ref.backward(g.double())
-    sens = Sensitivity(estimate, floor, torch.zeros_like(estimate), active=True)
+    sens = _sensitivity(r, c)
     x_eng = x.clone().requires_grad_()
     if engine == "fused":
         out, c = FusedDKM.apply(x_eng, c0, p, sens)
@@ -53,41 +57,72 @@ def test_weighted_update_matches_reference(engine, lam, iters):
     # the weights matter: the unweighted reference is far from the weighted one
     unweighted, _ = dkm_reference(x.double(), c0.double(), p)
     assert _relative(unweighted, out_ref.detach()) > 100 * tol
-    # the backward fed the estimate: exactly this step's squared output gradient
-    assert torch.equal(sens.pending, g.square())
+    # the backward fed the estimate: the row and column sums of this step's squared output gradient
+    _assert_pending(sens, g)
+
+
+def _assert_pending(sens, g):
+    square = g.square().view(*sens.pending_rows.shape, -1)
+    torch.testing.assert_close(sens.pending_rows, square.sum(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sens.pending_cols, square.sum((0, 1)), rtol=1e-6, atol=0)
 
 
 def test_inactive_sensitivity_is_the_unweighted_update():
     """Before the first fold the update is plain DKM, bit for bit, and the backward still records."""
-    x, c0, estimate, floor, g = _problem()
+    x, c0, r, c, g = _problem()
     p = DKMParams(tau=1e-4)
-    pending = torch.zeros_like(estimate)
+    sens = _sensitivity(r, c, active=False)
     x_w, x_u = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_w, _ = FusedDKM.apply(x_w, c0, p, Sensitivity(estimate, floor, pending, active=False))
+    out_w, _ = FusedDKM.apply(x_w, c0, p, sens)
     out_u, _ = FusedDKM.apply(x_u, c0, p)
     out_w.backward(g)
     out_u.backward(g)
     assert torch.equal(out_w, out_u) and torch.equal(x_w.grad, x_u.grad)
-    assert torch.equal(pending, g.square())
+    _assert_pending(sens, g)
 
 
 def test_fold_normalises_then_averages():
     gen = torch.Generator().manual_seed(1)
-    estimate, pending = torch.zeros(2, 50, 1), torch.rand(2, 50, 1, generator=gen) * 1e-9  # tiny raw gradients
-    pending[1] *= 1e6
-    floor, folds = torch.zeros(2), torch.tensor(0)
-    first = pending.clone()
-    Sensitivity.fold(estimate, pending, floor, folds)
-    expected = first / first.mean(dim=(1, 2), keepdim=True)
-    torch.testing.assert_close(estimate, expected)
-    torch.testing.assert_close(floor, torch.full((2,), FLOOR))  # each group's weights have mean 1
-    assert int(folds) == 1 and not pending.any()
-    second = torch.rand(2, 50, 1, generator=gen)
-    pending.copy_(second)
-    Sensitivity.fold(estimate, pending, floor, folds)
-    torch.testing.assert_close(estimate, BETA * expected + (1 - BETA) * second / second.mean(dim=(1, 2), keepdim=True))
-    Sensitivity.fold(estimate, pending, floor, folds)  # nothing recorded: no change
+    rows, cols = torch.zeros(2, 5), torch.zeros(7)
+    p_rows, p_cols = torch.rand(2, 5, generator=gen) * 1e-9, torch.rand(7, generator=gen) * 1e-9  # tiny gradients
+    p_rows[1] *= 1e6
+    folds = torch.tensor(0)
+    first = p_rows.clone(), p_cols.clone()
+    Sensitivity.fold(rows, cols, p_rows, p_cols, folds)
+    expected = first[0] / first[0].mean(1, keepdim=True), first[1] / first[1].mean()
+    torch.testing.assert_close(rows, expected[0])
+    torch.testing.assert_close(cols, expected[1])
+    estimate = _sensitivity(rows, cols).estimate().view(2, -1)
+    torch.testing.assert_close(estimate.mean(1), torch.ones(2))  # each group's weights have mean 1: floor = FLOOR
+    assert int(folds) == 1 and not p_rows.any() and not p_cols.any()
+    second = torch.rand(2, 5, generator=gen), torch.rand(7, generator=gen)
+    p_rows.copy_(second[0])
+    p_cols.copy_(second[1])
+    Sensitivity.fold(rows, cols, p_rows, p_cols, folds)
+    torch.testing.assert_close(rows, BETA * expected[0] + (1 - BETA) * second[0] / second[0].mean(1, keepdim=True))
+    torch.testing.assert_close(cols, BETA * expected[1] + (1 - BETA) * second[1] / second[1].mean())
+    Sensitivity.fold(rows, cols, p_rows, p_cols, folds)  # nothing recorded: no change
     assert int(folds) == 2
+
+
+def test_factored_estimate_keeps_the_row_and_column_sums():
+    """The fold's estimate of one step's squared gradients ``P`` is the rank-1 matrix with ``P``'s row and column
+    sums (scaled to mean 1): ``P`` itself when ``P`` is rank 1, and otherwise a matrix whose rows and columns weigh
+    what ``P``'s do."""
+    gen = torch.Generator().manual_seed(2)
+    for rank_1, square in ((True, torch.outer(torch.rand(6, generator=gen), torch.rand(9, generator=gen))),
+                           (False, torch.rand(6, 9, generator=gen) ** 4)):
+        sens = _sensitivity(torch.zeros(1, 6), torch.zeros(9))
+        sens.record(square.sqrt().reshape(1, -1, 1))  # record squares its gradient
+        Sensitivity.fold(sens.rows, sens.cols, sens.pending_rows, sens.pending_cols, torch.tensor(0))
+        estimate = sens.estimate().view(6, 9).double()
+        scaled = square.double() / square.double().mean()
+        torch.testing.assert_close(estimate.sum(1), scaled.sum(1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(estimate.sum(0), scaled.sum(0), rtol=1e-5, atol=0)
+        if rank_1:
+            torch.testing.assert_close(estimate, scaled, rtol=1e-5, atol=0)
+        else:  # a rank-1 estimate cannot be P itself
+            assert not torch.allclose(estimate, scaled, rtol=0.1)
 
 
 def _trained(sensitivity: bool, steps: int = 4):
@@ -109,12 +144,12 @@ def _trained(sensitivity: bool, steps: int = 4):
 def test_training_uses_the_estimate_and_finalize_ships_weighted_means():
     pal, model = _trained(True)
     _, _, _, fp = next(iter(fake_palettizers(model)))
-    assert int(fp.sensitivity_folds) == 4 and float(fp.sensitivity_estimate.std()) > 0.1
+    assert int(fp.sensitivity_folds) == 4 and float(fp.sensitivity().estimate().std()) > 0.1
     weight = model[0].parametrizations.weight.original.detach()
     x = fp._prepare_input(weight)[0]
     lut = fp.final_lut(x)
     idx = torch.cdist(x[0], fp.centroids[0]).argmin(1)  # 2-bit, f32 LUT: nearest centroid
-    om = (fp.sensitivity_estimate + fp.sensitivity_floor.view(-1, 1, 1))[0, :, 0].double()
+    om = (fp.sensitivity().estimate() + FLOOR)[0, :, 0].double()
     for k in range(lut.shape[1]):
         members = idx == k
         expected = (om[members] * x[0, members, 0].double()).sum() / om[members].sum()
@@ -133,13 +168,33 @@ def test_checkpoint_carries_the_estimate():
     _, fresh = _trained(True, steps=0)
     fresh.load_state_dict(model.state_dict())
     for (_, _, _, a), (_, _, _, b) in zip(fake_palettizers(model), fake_palettizers(fresh)):
-        assert torch.equal(a.sensitivity_estimate, b.sensitivity_estimate)
+        assert torch.equal(a.sensitivity_rows, b.sensitivity_rows) and torch.equal(a.sensitivity_cols, b.sensitivity_cols)
         assert int(b.sensitivity_folds) == int(a.sensitivity_folds) == 4
 
 
 def test_config_checks():
-    with pytest.raises(TypeError, match="sensitivity_weighted"):
+    with pytest.raises(ValueError, match="sensitivity_weighted='yes' is not allowed; allowed values: True, False"):
         ModuleDKMPalettizerConfig(n_bits=2, sensitivity_weighted="yes")
+    with pytest.raises(TypeError, match="sensitivity_weighted must be True, False or 'auto', got int"):
+        ModuleDKMPalettizerConfig(n_bits=2, sensitivity_weighted=1)
+
+
+def test_auto_weights_the_2_bit_layers_only():
+    """The default, ``"auto"``, resolves per layer from its own n_bits: a 2-bit layer keeps the factored estimate
+    (``rows + cols`` numbers, not one a weight), a 4-bit layer none; True and False apply at every width."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48))
+    config = DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=1000),
+                                 module_name_configs={"2": ModuleDKMPalettizerConfig(n_bits=4, weight_threshold=1000)})
+    model = DKMPalettizer(model, config).prepare()
+    layers = {name: fp for name, _, _, fp in fake_palettizers(model)}
+    assert layers["0.weight"].sensitivity_weighted and not layers["2.weight"].sensitivity_weighted
+    buffers = dict(layers["0.weight"].named_buffers())
+    assert buffers["sensitivity_rows"].shape == (1, 64) and buffers["sensitivity_cols"].shape == (32,)
+    assert not any(name.startswith("sensitivity") for name, _ in layers["2.weight"].named_buffers())
+    for value in (True, False):
+        cfg = ModuleDKMPalettizerConfig(n_bits=4, weight_threshold=1000, sensitivity_weighted=value)
+        model = DKMPalettizer(nn.Sequential(nn.Linear(32, 64)), DKMPalettizerConfig(global_config=cfg)).prepare()
+        assert next(iter(fake_palettizers(model)))[-1].sensitivity_weighted is value
 
 
 def test_the_binned_grid_layer_trains_with_the_estimate(monkeypatch):
@@ -164,6 +219,6 @@ def test_the_binned_grid_layer_trains_with_the_estimate(monkeypatch):
         opt.step()
         pal.step()
     _, _, _, fp = next(iter(fake_palettizers(model)))
-    assert int(fp.sensitivity_folds) == 3 and float(fp.sensitivity_estimate.std()) > 0.1
+    assert int(fp.sensitivity_folds) == 3 and float(fp.sensitivity().estimate().std()) > 0.1
     assert seen and all(isinstance(s, Sensitivity) for s in seen)
     assert [s.active for s in seen][:1] == [False] and seen[-1].active

@@ -123,8 +123,9 @@ def test_hard_phase_forward_is_the_snapped_weight_with_a_straight_through_gradie
 @pytest.mark.parametrize("finalize_lut", ["mean", "dkm"])
 def test_finalize_lut_mean_is_the_best_lut_for_dkms_assignment(finalize_lut):
     """``mean``: every LUT entry is the mean of the float weights nearest to DKM's last centroids (``dkm``: the
-    centroids themselves, which are not those means)."""
-    model, palettizer, _ = _trained(finalize_lut=finalize_lut)
+    centroids themselves, which are not those means). Unweighted: the 2-bit default's sensitivity-weighted means are
+    tests/test_dkm_sensitivity.py's."""
+    model, palettizer, _ = _trained(finalize_lut=finalize_lut, sensitivity_weighted=False)
     fp = next(fp for *_, fp in fake_palettizers(model))
     flat = fp._prepare_input(model[0].parametrizations.weight.original.detach())[0][0, :, 0]
     dkm = fp.centroids[0, :, 0].clone()

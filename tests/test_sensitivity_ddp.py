@@ -50,11 +50,13 @@ def run_rank(rank: int, port: int, out: Path) -> None:
             nn.functional.cross_entropy(ddp(x), y).backward()
             opt.step()
             if step == 0:  # this rank's own squared gradients, before the first fold
-                saved["pending"] = {k: fp.sensitivity_pending.clone() for k, fp in layers.items()}
+                saved["pending"] = {k: (fp.sensitivity_pending_rows.clone(), fp.sensitivity_pending_cols.clone())
+                                    for k, fp in layers.items()}
             pal.step()
             if step == 0:
-                saved["first"] = {k: fp.sensitivity_estimate.clone() for k, fp in layers.items()}
-        saved["estimate"] = {k: fp.sensitivity_estimate.clone() for k, fp in layers.items()}
+                saved["first"] = {k: (fp.sensitivity_rows.clone(), fp.sensitivity_cols.clone())
+                                  for k, fp in layers.items()}
+        saved["estimate"] = {k: fp.sensitivity().estimate() for k, fp in layers.items()}
         saved["centroids"] = {k: fp.centroids.clone() for k, fp in layers.items()}
         saved["folds"] = {k: int(fp.sensitivity_folds) for k, fp in layers.items()}
         torch.save(saved, out / f"rank{rank}.pt")
@@ -84,12 +86,15 @@ def test_ranks_fold_the_mean_of_their_squared_gradients(tmp_path):
         assert proc.returncode == 0, err[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name in LAYERS:
-        own = [r["pending"][name] for r in ranks]
-        assert not torch.allclose(own[0], own[1], rtol=0.1), name  # the ranks' batches differ
-        mean = (own[0] + own[1]) / 2
-        expected = mean / mean.mean(dim=(1, 2), keepdim=True)  # the first fold: the mean, scaled to 1 per group
+        for part in (0, 1):  # the row sums, then the column sums
+            own = [r["pending"][name][part] for r in ranks]
+            assert not torch.allclose(own[0], own[1], rtol=0.1), name  # the ranks' batches differ
+            mean = (own[0] + own[1]) / 2
+            # the first fold: the mean, scaled to mean 1 (the rows within each group)
+            expected = mean / (mean.mean(dim=1, keepdim=True) if part == 0 else mean.mean())
+            for r in ranks:
+                torch.testing.assert_close(r["first"][name][part], expected, rtol=1e-5, atol=1e-7)
         for r in ranks:
-            torch.testing.assert_close(r["first"][name], expected, rtol=1e-5, atol=1e-7)
             assert r["folds"][name] == 4
         assert torch.equal(ranks[0]["estimate"][name], ranks[1]["estimate"][name]), name
         assert torch.equal(ranks[0]["centroids"][name], ranks[1]["centroids"][name]), name
