@@ -44,8 +44,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: variant name -> (palettizer, extra ModuleDKMPalettizerConfig fields). "ours" is the default config. The lever
 #: variants pin what the defaults were when their rows were measured: coremltools' kmeans_max_iter=3 (1 since
-#: 2026-12-06) and no sensitivity weighting ("auto", on at 2 bits, since 2026-12-07).
-ITER_3 = {"kmeans_max_iter": 3, "sensitivity_weighted": False}
+#: 2026-12-06), no sensitivity weighting ("auto", on at 2 bits, since 2026-12-07) and coremltools' palett_tau=1e-4
+#: (3e-4 since 2026-12-07).
+ITER_3 = {"kmeans_max_iter": 3, "sensitivity_weighted": False, "palett_tau": 1e-4}
 VARIANTS = {
     "float": ("reference", {}),
     "post-training": ("reference", {}),
@@ -53,6 +54,11 @@ VARIANTS = {
     "ours": ("ours", {}),
     "ours-sensitivity": ("ours", {"sensitivity_weighted": True}),  # the defaults, sensitivity weighting at every width
     "ours-no-sensitivity": ("ours", {"sensitivity_weighted": False}),  # the defaults, no sensitivity weighting
+    "ours-tau-3e-5": ("ours", {"palett_tau": 3e-5}),  # the defaults at other temperatures; 1e-4 is coremltools'
+    "ours-tau-1e-4": ("ours", {"palett_tau": 1e-4}),
+    "ours-tau-1e-3": ("ours", {"palett_tau": 1e-3}),
+    "ours-tau-3e-3": ("ours", {"palett_tau": 3e-3}),
+    "ours-tau-1e-4-sensitivity": ("ours", {"palett_tau": 1e-4, "sensitivity_weighted": True}),
     "ours-iter-3": ("ours", ITER_3),  # coremltools' default: 3 k-means iterations a step (twice the passes of 1)
     "ours-no-levers": ("ours", {**ITER_3, "finalize_lut": "dkm", "hard_fraction": 0.0}),
     "ours-hard-0.5": ("ours", {**ITER_3, "hard_fraction": 0.5}),
@@ -288,11 +294,15 @@ TABLE_NOTE = (
     "Before = the validation loss through the trained model's palettization layers in training mode (DKM's soft\n"
     'forward); after = the finalized `LUT[indices]` model. Means ± sample std over seeds; "- coremltools" is paired per\n'
     'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`, `kmeans_max_iter=1`: one k-means iteration a\n'
-    'training step; `sensitivity_weighted="auto"`: the centroid update and the finalize means weighted by each\n'
-    "weight's running squared gradient, factored, at 2 bits and fewer), `ours-sensitivity` = the defaults with the\n"
+    'training step; `palett_tau=3e-4`; `sensitivity_weighted="auto"`: the centroid update and the finalize means\n'
+    "weighted by each weight's running squared gradient, factored, at 2 bits and fewer), `ours-sensitivity` = the\n"
+    "defaults with the\n"
     'weighting at every width (3 and 4 bits; at 2 bits that is `ours`), `ours-no-sensitivity` = the defaults without\n'
-    'it (2 bits; at 3 and 4 bits that is `ours`), `ours-iter-3` = `kmeans_max_iter=3` (coremltools\' default, and\n'
-    'ours before 2026-12-06: twice the passes). The lever rows run 3 iterations and no weighting too (the defaults\n'
+    'it (2 bits; at 3 and 4 bits that is `ours`), `ours-tau-T` = the defaults at `palett_tau=T` (ours is 3e-4;\n'
+    '1e-4 is coremltools\' default, and ours before 2026-12-07), `ours-tau-1e-4-sensitivity` = tau 1e-4 with the\n'
+    'weighting at every width (measured before the kernels made the point weights from their factors: the same\n'
+    'math, rounded differently), `ours-iter-3` = `kmeans_max_iter=3` (coremltools\' default, and ours before\n'
+    '2026-12-06: twice the passes). The lever rows run 3 iterations, no weighting and tau 1e-4 too (the defaults\n'
     'when they were measured):\n'
     '`ours-no-levers` = `finalize_lut="dkm"`, `ours-hard-F` =\n'
     '`hard_fraction=F` (the last F of the steps train the snapped weights with a straight-through gradient; 1.0 =\n'

@@ -15,8 +15,9 @@ position, ``group_size / cluster_dim`` per LUT group; cols: everything else) kee
 column sums ``c``, and stands for ``P_ij ~ r_i c_j / sum(c)``, the rank-1 matrix with the same row and column sums
 (the closest one to ``P`` in I-divergence). That is ``rows + cols`` numbers a weight matrix instead of one a weight:
 about nothing, where the full diagonal took 8 bytes a weight (a 1.1B model: 8.8 GB). Measured in
-``benchmarks/quality.py`` on charlm at 2 bits (3 seeds): -0.026 nats against coremltools factored, -0.029 with the
-full diagonal; the spread over seeds is 0.02.
+``benchmarks/quality.py`` on charlm at 2 bits and ``palett_tau=1e-4`` (3 seeds): -0.024 nats against coremltools
+factored (row ``ours-tau-1e-4``), -0.029 with the full diagonal (its row before 2026-12-07); the spread over seeds
+is 0.02 for both.
 
 Once per training step the layer folds ``pending`` into the running estimate: ``r`` scaled to mean 1 within each
 LUT group and ``c`` to mean 1 (so the estimate ``rho_i gamma_j`` has mean 1 in every group whatever the gradients'
