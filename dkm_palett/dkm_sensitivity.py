@@ -72,13 +72,13 @@ class Sensitivity:
         """Add one backward's squared output gradient ``(G, N, D)``, summed over the vector, into the pending row and
         column sums, a slab of rows at a time (``RECORD_CHUNK`` elements: a temporary that stays in cache, where a
         whole-weight square cost a weight-sized allocation and torch's strided norms 2 ns a weight)."""
-        g = g_out.detach().view(*self.pending_rows.shape, self.pending_cols.shape[0], g_out.shape[-1])
-        rows_per_slab = max(1, RECORD_CHUNK // (g.shape[2] * g.shape[3]))
-        for group in range(g.shape[0]):
-            for start in range(0, g.shape[1], rows_per_slab):
-                square = g[group, start:start + rows_per_slab].to(self.pending_rows.dtype).square()
-                self.pending_rows[group, start:start + rows_per_slab] += square.sum((1, 2))
-                self.pending_cols.add_(square.sum((0, 2)))
+        g = g_out.detach().view(self.pending_rows.numel(), self.pending_cols.shape[0], g_out.shape[-1])
+        rows = self.pending_rows.view(-1)  # every group's rows in a row: slabs may span groups
+        rows_per_slab = max(1, RECORD_CHUNK // (g.shape[1] * g.shape[2]))
+        for start in range(0, g.shape[0], rows_per_slab):
+            square = g[start:start + rows_per_slab].to(rows.dtype).square()
+            rows[start:start + rows_per_slab] += square.sum((1, 2))
+            self.pending_cols.add_(square.sum((0, 2)))
 
     @staticmethod
     def fold(rows: torch.Tensor, cols: torch.Tensor, pending_rows: torch.Tensor, pending_cols: torch.Tensor,

@@ -81,6 +81,20 @@ def test_inactive_sensitivity_is_the_unweighted_update():
     _assert_pending(sens, g)
 
 
+def test_record_in_slabs_sums_every_row_and_column(monkeypatch):
+    """``record`` squares the gradient a slab of rows at a time (slabs span LUT groups): any slab size gives the
+    same row and column sums."""
+    from dkm_palett import dkm_sensitivity
+
+    _, _, r, c, g = _problem(groups=3, rows=7, cols=11)
+    for chunk in (1, 30, 11 * 7 * 2 + 5, 1 << 20):  # a row per slab, 2, 14 (across groups), everything
+        monkeypatch.setattr(dkm_sensitivity, "RECORD_CHUNK", chunk)
+        sens = _sensitivity(r, c)
+        sens.record(g)
+        sens.record(g)
+        _assert_pending(sens, g * 2 ** 0.5)
+
+
 def test_fold_normalises_then_averages():
     gen = torch.Generator().manual_seed(1)
     rows, cols = torch.zeros(2, 5), torch.zeros(7)
