@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: variants pin what the defaults were when their rows were measured: coremltools' kmeans_max_iter=3 (1 since
 #: 2026-12-06), no sensitivity weighting ("auto", on at 2 bits, since 2026-12-07) and coremltools' palett_tau=1e-4
 #: (3e-4 since 2026-12-07).
-ITER_3 = {"kmeans_max_iter": 3, "sensitivity_weighted": False, "palett_tau": 1e-4}
+LEVER_BASE = {"kmeans_max_iter": 3, "sensitivity_weighted": False, "palett_tau": 1e-4}
 VARIANTS = {
     "float": ("reference", {}),
     "post-training": ("reference", {}),
@@ -59,12 +59,12 @@ VARIANTS = {
     "ours-tau-1e-3": ("ours", {"palett_tau": 1e-3}),
     "ours-tau-3e-3": ("ours", {"palett_tau": 3e-3}),
     "ours-tau-1e-4-sensitivity": ("ours", {"palett_tau": 1e-4, "sensitivity_weighted": True}),
-    "ours-iter-3": ("ours", ITER_3),  # coremltools' default: 3 k-means iterations a step (twice the passes of 1)
-    "ours-no-levers": ("ours", {**ITER_3, "finalize_lut": "dkm", "hard_fraction": 0.0}),
-    "ours-hard-0.5": ("ours", {**ITER_3, "hard_fraction": 0.5}),
-    "ours-hard-0.75": ("ours", {**ITER_3, "hard_fraction": 0.75}),
-    "ours-hard-1.0": ("ours", {**ITER_3, "hard_fraction": 1.0}),
-    "ours-mixed-2.5": ("ours", {**ITER_3, "average_bits": 2.5}),  # plan_bits over MIXED_BITS; the row's bits unused
+    "ours-iter-3": ("ours", LEVER_BASE),  # coremltools' default: 3 k-means iterations a step (twice the passes of 1)
+    "ours-no-levers": ("ours", {**LEVER_BASE, "finalize_lut": "dkm", "hard_fraction": 0.0}),
+    "ours-hard-0.5": ("ours", {**LEVER_BASE, "hard_fraction": 0.5}),
+    "ours-hard-0.75": ("ours", {**LEVER_BASE, "hard_fraction": 0.75}),
+    "ours-hard-1.0": ("ours", {**LEVER_BASE, "hard_fraction": 1.0}),
+    "ours-mixed-2.5": ("ours", {**LEVER_BASE, "average_bits": 2.5}),  # plan_bits over MIXED_BITS; the row's bits unused
 }
 MIXED_BITS, PLAN_BATCHES = (2, 3, 4), 8
 
@@ -296,8 +296,8 @@ TABLE_NOTE = (
     'seed. Rows: `ours` = the defaults (`finalize_lut="mean"`, `kmeans_max_iter=1`: one k-means iteration a\n'
     'training step; `palett_tau=3e-4`; `sensitivity_weighted="auto"`: the centroid update and the finalize means\n'
     "weighted by each weight's running squared gradient, factored, at 2 bits and fewer), `ours-sensitivity` = the\n"
-    "defaults with the\n"
-    'weighting at every width (3 and 4 bits; at 2 bits that is `ours`), `ours-no-sensitivity` = the defaults without\n'
+    'defaults with the weighting at every width (3 and 4 bits; at 2 bits that is `ours`), `ours-no-sensitivity` =\n'
+    'the defaults without\n'
     'it (2 bits; at 3 and 4 bits that is `ours`), `ours-tau-T` = the defaults at `palett_tau=T` (ours is 3e-4;\n'
     '1e-4 is coremltools\' default, and ours before 2026-12-07), `ours-tau-1e-4-sensitivity` = tau 1e-4 with the\n'
     'weighting at every width (measured before the kernels made the point weights from their factors: the same\n'
