@@ -61,10 +61,10 @@ def _palettizer(impl: str, model, bits: int, iters=None, dkm_impl=None):
 
 
 def _trim_like_dkm(model) -> None:
-    """Plain training with the heap trim dkm_palett does (``dkm_palett.heap``) before the backward of each module DKM
-    would palettize (a weight above the default ``weight_threshold``): always before one of at least
-    ``MMAP_THRESHOLD_MAX`` bytes, otherwise once the free heap grew past ``FREE_HEAP_LIMIT``. The like-for-like
-    baseline for DKM's peak memory."""
+    """Plain training with the heap policy dkm_palett applies (``dkm_palett.heap.arm``: glibc tuned to reuse its
+    heap, a trim before the backward of each module DKM would palettize, a weight above the default
+    ``weight_threshold``, once the free heap grew past ``FREE_HEAP_LIMIT`` over the step's baseline). The
+    like-for-like baseline for DKM's peak memory."""
     import torch
 
     sys.path.insert(0, ROOT)
@@ -73,7 +73,7 @@ def _trim_like_dkm(model) -> None:
 
     def arm(module, _args, output):
         if torch.is_grad_enabled() and output.requires_grad:
-            output.register_hook(heap.backward_hook(module.weight.numel() * module.weight.element_size()))
+            heap.arm(output, module.weight.numel() * module.weight.element_size())
 
     for module in model.modules():
         weight = getattr(module, "weight", None)
@@ -129,12 +129,16 @@ def worker(spec: dict) -> dict:
     pal = None
     if spec["impl"] == "plain-trim":
         _trim_like_dkm(model)
+        out["heap_reuse"] = True  # dkm_palett.heap's policy since 2026-12-07 (heap kept for reuse)
     elif spec["impl"] != "plain":
         pal, model = _palettizer(spec["impl"], model, spec["bits"], spec.get("iters"), spec.get("dkm_impl"))
         if spec["impl"] == "ours":
+            from dkm_palett.config.training import ModuleDKMPalettizerConfig
             from dkm_palett.fake_palettize import FakePalettize
 
             out["heap_trim"] = FakePalettize.trim_heap  # cells from before dkm_palett.heap lack the key
+            out["heap_reuse"] = True  # dkm_palett.heap keeps the heap for reuse (cells before 2026-12-07 lack it)
+            out["palett_tau"] = ModuleDKMPalettizerConfig().palett_tau  # the default (cells before 2026-12-07: 1e-4)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     times = []

@@ -23,19 +23,25 @@ def _ratio(a, b) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}x"
 
 
+def _tau(r) -> str:
+    """The cell's ``palett_tau``: recorded since 2026-12-07; every earlier cell ran at 1e-4, then the default."""
+    return f"{r.get('palett_tau', 1e-4):g}"
+
+
 def _ok(r):
     return r is not None and "error" not in r
 
 
 def _cells(results: dict):
     """Yield ``(model, tokens, bits, iters, plain, ours, coremltools)`` rows in a stable order: one per ours cell
-    (``iters``: its ``kmeans_max_iter``; ``bits`` names a non-default ``dkm_impl``, e.g. "4 (binned)"), coremltools
-    beside ours at its own 3 iterations and the default engine (or alone)."""
+    (``iters``: its ``kmeans_max_iter``; ``bits`` names a non-default ``dkm_impl``, e.g. "4 (dense)"), coremltools
+    beside our exact (``dense``) cell at its own 3 iterations (or alone)."""
     keys = {(r["model"], r["tokens"], r["bits"], r.get("iters") or CT_ITERS, r.get("dkm_impl") or "")
             for r in results.values() if not r["impl"].startswith("plain")}
     for model, tokens, bits, iters, engine in sorted(
             keys, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, *k[1:])):
-        ct = results.get(f"{model}/{tokens}/coremltools/{bits}bit") if iters == CT_ITERS and not engine else None
+        exact = iters == CT_ITERS and engine == "dense"  # coremltools' DKM is exact: beside our exact cells
+        ct = results.get(f"{model}/{tokens}/coremltools/{bits}bit") if exact else None
         ours = results.get(f"{model}/{tokens}/ours/{bits}bit/{iters}it" + (f"/{engine}" if engine else ""))
         # the plain cell measured beside it (the latest plain cell when it ran), else the latest now
         yield (model, tokens, f"{bits} ({engine})" if engine else bits, iters,
@@ -43,14 +49,14 @@ def _cells(results: dict):
 
 
 def _main_table(results: dict) -> list[str]:
-    lines = ["| model | params | input | bits | DKM iterations | plain step | DKM first step | init (first - plain) "
+    lines = ["| model | params | input | bits | DKM iterations | tau | plain step | DKM first step | init (first - plain) "
              "| init (first - DKM step) | DKM step | "
              "DKM/plain step | plain peak RSS | DKM peak RSS | DKM/plain peak | load at start (plain / DKM) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     done = {(m, t) for m, t, _, _, _, ours, _ in _cells(results) if ours is not None}
     for r in results.values():  # plain cells whose DKM cell was not run
         if r["impl"] == "plain" and (r["model"], r["tokens"]) not in done and _ok(r):
-            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | — | {_s(r['step_s'])} | not run | — "
+            lines.append(f"| {r['model']} | {_params(r)} | 1x{r['tokens']} | — | — | — | {_s(r['step_s'])} | not run | — "
                          f"| — | — | — | {_gib(r['peak_mib'])} | — | — | {_load(r)} |")
     for model, tokens, bits, iters, plain, ours, _ in _cells(results):
         if ours is None:
@@ -61,14 +67,16 @@ def _main_table(results: dict) -> list[str]:
         if not _ok(ours):
             done = ours.get("partial_steps_s", [])
             later = f"{len(done) - 1} later steps: " + ", ".join(_s(t) for t in done[1:]) if len(done) > 1 else "—"
-            lines.append(f"| {model} | {size} | {inp} | {bits} | {iters} | {_s(ref.get('step_s'))} | {ours['error']}"
+            lines.append(f"| {model} | {size} | {inp} | {bits} | {iters} | {_tau(ours)} | {_s(ref.get('step_s'))} "
+                         f"| {ours['error']}"
                          f"{'; first step ' + _s(done[0]) if done else ''} | — | — | {later} | — "
                          f"| {_gib(ref.get('peak_mib'))} | {_gib(ours.get('peak_mib'))} "
                          f"| {_ratio(ours.get('peak_mib'), ref.get('peak_mib'))} | {_load(plain, ours)} |")
             continue
         init = None if not _ok(plain) else ours["first_s"] - plain["step_s"]
         lines.append(
-            f"| {model} | {size} | {inp} | {bits} | {iters} | {_s(ref.get('step_s'))} | {_s(ours['first_s'])} "
+            f"| {model} | {size} | {inp} | {bits} | {iters} | {_tau(ours)} | {_s(ref.get('step_s'))} "
+            f"| {_s(ours['first_s'])} "
             f"| {_s(init)} "
             f"| {_s(ours['first_s'] - ours['step_s'])} "
             f"| {_s(ours['step_s'])} | {_ratio(ours['step_s'], ref.get('step_s'))} | {_gib(ref.get('peak_mib'))} "
@@ -78,8 +86,11 @@ def _main_table(results: dict) -> list[str]:
 
 
 def _untrimmed(ours: dict) -> str:
-    """A mark on DKM cells measured before dkm_palett trimmed the heap (dkm_palett.heap)."""
-    return "" if "heap_trim" in ours else " (no trim)"
+    """A mark on DKM cells measured before dkm_palett trimmed the heap, or under its policy before 2026-12-07
+    (glibc's mmap threshold, a trim before every module of 32 MiB or more) rather than the heap kept for reuse."""
+    if "heap_trim" not in ours:
+        return " (no trim)"
+    return "" if "heap_reuse" in ours else " (older heap policy)"
 
 
 def _trim_table(results: dict) -> list[str]:
@@ -89,7 +100,7 @@ def _trim_table(results: dict) -> list[str]:
     found = False
     for model, tokens, bits, iters, plain, ours, _ in _cells(results):
         trimmed = results.get(f"{model}/{tokens}/plain-trim")
-        if not (_ok(ours) and _ok(trimmed) and "heap_trim" in ours):
+        if not (_ok(ours) and _ok(trimmed) and "heap_reuse" in ours and "heap_reuse" in trimmed):
             continue
         found = True
         peak, base = ours["peak_mib"], (plain or {}).get("peak_mib")
@@ -122,19 +133,22 @@ def _ct_error(ct: dict) -> str:
 
 
 def _ct_table(results: dict) -> list[str]:
-    """coremltools beside ours at its 3 iterations (same settings) and at our default (``default_iters``)."""
+    """coremltools beside our exact DKM (``dkm_impl="dense"``) at its 3 iterations (same settings) and at our default
+    ``default_iters``."""
     from dkm_palett.config.training import ModuleDKMPalettizerConfig
 
     default_iters = ModuleDKMPalettizerConfig.kmeans_max_iter
-    lines = [f"| model | bits | plain step | ours step ({CT_ITERS} iterations) | coremltools step | ct/ours step, same "
-             f"settings | ours step (default, {default_iters} iteration) | ct/ours step, defaults | ours extra peak | "
+    lines = [f"| model | bits | plain step | ours exact step ({CT_ITERS} iterations) | coremltools step | ct/ours step, "
+             f"same settings | ours exact step ({default_iters} iteration) | ct/ours step, exact at our default "
+             "iterations | ours extra peak | "
              "ct extra peak | ct/ours extra memory | ct first step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     found = False
     for model, tokens, bits, _, plain, ours, ct in _cells(results):
         if ct is None:
             continue
         found = True
-        default = results.get(f"{model}/{tokens}/ours/{bits}bit/{default_iters}it") or {}
+        bits = ct["bits"]  # the row's label names the engine ("4 (dense)")
+        default = results.get(f"{model}/{tokens}/ours/{bits}bit/{default_iters}it/dense") or {}
         head = (f"| {model} ({_params(plain, ours)}, 1x{tokens}) | {bits} | {_s((plain or {}).get('step_s'))} "
                 f"| {_s((ours or {}).get('step_s'))} ")
         if not _ok(ct):
@@ -203,10 +217,12 @@ def write_report(results: dict) -> str:
     doc = ["Every cell is its own process (`python benchmarks/model_scale.py`); fp32 weights, SGD, default "
            "`DKMPalettizer` settings with `n_bits` as given (every Linear, Conv2d and the embedding above "
            "`weight_threshold=2048`) and `kmeans_max_iter` as in *DKM iterations* (the default is 1; coremltools' "
-           "and our default before 2026-12-06 is 3). Every cell here ran at `palett_tau=1e-4`, coremltools' "
-           "default and ours until 2026-12-07 (now 3e-4): the exact kernels' cost does not depend on it; the binned "
-           "grid is 3x coarser at 3e-4. *bits* \"4 (binned)\": that cell with `dkm_impl=\"binned\"` "
-           "(`--dkm-impl binned`; the default at 4 bits is exact). *plain step* and *DKM step* are medians of 3 "
+           "and our default before 2026-12-06 is 3) and *tau* (`palett_tau`; cells that do not record it ran at "
+           "1e-4, coremltools' default and ours until 2026-12-07, now 3e-4: the exact kernels' cost does not depend "
+           "on it, the binned grid is 3x coarser at 3e-4). *bits* \"4 (dense)\": `dkm_impl=\"dense\"`, the exact "
+           "fused kernels, which were the default at 4 bits until 2026-12-07; the default (`auto`) now runs the "
+           "bounded binned DKM at 3-4 bits on LUTs of at least 2^18 weights (every large layer here) and the exact "
+           "kernels on smaller ones. *plain step* and *DKM step* are medians of 3 "
            "steps after the first; *DKM first "
            "step* includes k-means initialisation, so *first - plain* counts one DKM step too and *first - DKM "
            "step* is the initialisation itself; *peak RSS* is the process's `ru_maxrss` (model construction "
@@ -220,17 +236,23 @@ def write_report(results: dict) -> str:
         doc += ["![peak memory vs parameters](../model_scale.png)", ""]
     trim = _trim_table(results)
     if trim:
-        doc += ["DKM training gives the C heap's freed memory back to the OS during the backward (glibc "
-                "`malloc_trim`, `dkm_palett.heap`): before each module whose DKM weights take 32 MB or more, and "
-                "before any other DKM module once the free heap grew by 256 MiB since the last trim (cells marked "
-                "*(no trim)* ran before it). Plain training keeps freed memory resident for reuse, so part of the gap "
-                "to plain, in either direction, is glibc's. The like-for-like baseline: plain training with the same "
-                "trim before the same modules (`--impls plain-trim`, its own process):", "", *trim, ""]
+        doc += ["DKM training manages the C heap (`dkm_palett.heap`, glibc): from 1 GiB of DKM weights (the 350M and "
+                "1.1B decoders) glibc serves every tensor from its heap, so what a step frees is reused rather than "
+                "unmapped and faulted back, and the free heap at each step's first DKM forward is its baseline; "
+                "before a DKM module's backward, `malloc_trim` once the free heap grew a sixteenth of the DKM "
+                "weights (64-256 MiB) over it; under 1 GiB, glibc's defaults and also a trim before each module of "
+                "32 MiB or more. Cells marked *(older heap policy)* ran under the policy before 2026-12-07 (a trim "
+                "before every module of 32 MiB or more, growth counted from the last trim), *(no trim)* before any. "
+                "Plain training keeps freed memory resident for reuse, so part of the gap to plain, in either "
+                "direction, is glibc's. The like-for-like baseline: plain training under the same policy before the "
+                "same modules (`--impls plain-trim`, its own process; today's policy only):", "", *trim, ""]
     ct = _ct_table(results)
     if ct:
         doc += ["coremltools' `DKMPalettizer` (same config, its own process, capped address space and a timeout; "
-                "*extra* = peak RSS minus the plain step's peak). Both DKMs are exact. *same settings*: our step at "
-                "coremltools' 3 k-means iterations; *defaults*: our default 1 iteration against its 3:", "", *ct, ""]
+                "*extra* = peak RSS minus the plain step's peak). Both DKMs are exact (ours: `dkm_impl=\"dense\"`; "
+                "our default now runs the bounded binned DKM on this model's embedding and head, in the main table). "
+                "*same settings*: our step at coremltools' 3 k-means iterations; then our default 1 iteration "
+                "against its 3:", "", *ct, ""]
     end = _end_table(results)
     if end:
         doc += ["End of the pipeline, in the DKM cell's process after its steps (gradients freed first):", "", *end, ""]

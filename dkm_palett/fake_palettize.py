@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import zlib
 from typing import Optional
@@ -11,11 +10,11 @@ import torch
 from torch import nn
 
 from dkm_palett import kmeans as km
-from dkm_palett import recompute
+from dkm_palett import engine_choice, recompute
 from dkm_palett.kmeans.histogram import histogram_points
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import ModuleDKMPalettizerConfig
-from dkm_palett.dkm_binned import BinnedDKM, grid_points
+from dkm_palett.dkm_binned import BinnedDKM
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
 from dkm_palett.dkm_sensitivity import Sensitivity, active_weights, factor_shapes
 from dkm_palett.layer_settings import DKMLayerSettings
@@ -34,10 +33,7 @@ from dkm_palett.schedule import cluster_means
 from dkm_palett.spec import ALLOWED_N_BITS, PalettizationSpec
 from dkm_palett.validation import check_finite
 
-MAX_GRID_ENTRIES = 1 << 22  # binned DKM: at most this many grid points over all LUTs (float64 per-point cubics)
-FUSED_MAX_CLUSTERS = 17  # auto: exact fused kernels up to 4 bits (+ an extra centroid); measured in benchmarks/
 _INIT_POINTS = 2 ** 16  # k-means initialisation runs on at most this many (weighted) points per LUT
-_log = logging.getLogger(__name__)
 
 
 class FakePalettize(nn.Module):
@@ -150,32 +146,9 @@ class FakePalettize(nn.Module):
         return self.memory_budget.free(self.settings.palett_max_mem, device)
 
     def engine(self, weight: torch.Tensor, x: torch.Tensor, c0: torch.Tensor) -> tuple[str, int]:
-        """``(name, grid points)`` of the DKM implementation for this step: ``"fused"`` (exact, scalar ``dkm`` mode
-        on CPU), ``"dense"`` (exact, everything else), or ``"binned"`` (fp16/bf16 weights: exact; fp32: a grid of
-        ``grid points`` within the error bound of :func:`grid_points`). ``auto`` takes the exact fused kernels up to
-        ``FUSED_MAX_CLUSTERS`` centroids, the binned DKM above when its grid is at most ``dkm_bins`` points and
-        smaller than the weights per LUT, and exact DKM otherwise."""
-        cfg = self.settings
-        exact = "fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "dense"
-        if self.spec.cluster_dim != 1 or cfg.palett_mode != "dkm":
-            return "dense", 0
-        if cfg.dkm_impl == "dense":
-            return exact, 0
-        if self._exact_dtype(weight) is not None:  # exact bins per fp16/bf16 value (no sensitivity weights there)
-            return (exact, 0) if self.sensitivity_weighted else ("binned", 0)
-        if cfg.dkm_impl == "auto" and exact == "fused" and self.n_clusters <= FUSED_MAX_CLUSTERS:
-            return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
-        bins = grid_points(x[..., 0], c0, cfg.palett_tau)
-        if cfg.dkm_impl == "binned":
-            cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
-            if bins > cap:
-                _log.warning("%s: dkm_impl='binned' needs %d grid points per LUT for its error bound; capped at %d "
-                             "(the bound may not hold). dkm_impl='auto' or 'dense' runs exact DKM here.",
-                             self.name, bins, cap)
-            return "binned", min(bins, cap)
-        if bins <= min(cfg.dkm_bins, x.shape[1] // 4):
-            return "binned", bins
-        return exact, 0
+        """``(name, grid points)`` of the DKM implementation for this step (:func:`engine_choice.choose`)."""
+        return engine_choice.choose(self.settings, self.spec.cluster_dim, self.n_clusters, x, c0,
+                                    self._exact_dtype(weight), self.sensitivity_weighted, self.name)
 
     def _exact_dtype(self, weight: torch.Tensor) -> Optional[torch.dtype]:
         """fp16/bf16 weights (unscaled): the binned DKM then keeps one bin per distinct value and is exact."""

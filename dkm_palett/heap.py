@@ -1,24 +1,30 @@
-"""Give the C heap's free memory back to the operating system during a DKM backward (glibc 2.33+ only).
+"""Keep the C heap's memory for reuse during DKM training, and give back only what piles up (glibc 2.33+ only).
 
-glibc's ``malloc`` keeps freed memory for reuse, and tensors under its mmap threshold (which grows with use, up to
-32 MiB) live on that heap. Each layer's DKM backward allocates and frees full-size transients: the recomputed
-palettized weight, its gradient, the binned DKM's per-grid-point tensors. Their sizes differ from layer to layer, so
-the freed chunks do not fit the next layer's tensors and the heap grows: on the 350M decoder at 8 bits about 500 MB
-of freed memory was still resident when the backward reached the embedding, on top of what was live.
-``malloc_trim(0)`` returns it (the whole free pages of every arena), so the peak holds what is live.
+Each layer's DKM backward allocates and frees full-size transients: the recomputed palettized weight, its gradient,
+the binned DKM's per-grid-point tensors. By default glibc maps every allocation of 32 MiB or more on its own and
+unmaps it on free, and the tensors under that live on the heap, where layers of different sizes leave holes. Both
+cost: memory the OS gives back must be faulted in and zeroed again on the next use (on the 1.1B decoder at 4 bits,
+16 GB of page faults and 19 s of system CPU time a 25 s step), and holes held on the heap add to the peak.
 
-:func:`install` puts a forward hook on a palettized module. In a training forward with grad enabled it hooks the
-module's output, whose gradient arrives just before the module's own backward. That hook trims:
+While a DKM layer trains on CPU (:func:`arm` on its forward) this module:
 
-* always before a module whose DKM weights take at least ``MMAP_THRESHOLD_MAX`` bytes: its full-size tensors are
-  never served from the heap, so whatever the heap holds free then only adds to the peak (the embedding and the
-  head of a 125M decoder, its last and first backward);
-* before any other DKM module once the free heap grew by more than ``FREE_HEAP_LIMIT`` since the last trim
-  (``mallinfo2``: a fraction of a millisecond). So the retained memory stays under that limit plus one layer's
-  transients, and each trim returns at least the limit.
+* once a step trains ``REUSE_MIN_BYTES`` of DKM weights, asks glibc (``mallopt``) to serve every allocation from
+  the heap (``M_MMAP_MAX`` 0) and to leave its top alone below ``TOP_TRIM_THRESHOLD``, so what a step frees (last
+  step's gradients, each layer's transients) is reused by the next allocations instead of being unmapped and
+  faulted back; ``finalize`` (:func:`release`) and :func:`uninstall` of the last DKM module restore glibc's
+  defaults;
+* so tuned, takes the free heap at the first DKM forward of each step as the baseline: what ``zero_grad`` and the
+  previous step freed, which this step's gradients and transients reuse;
+* before each DKM module's backward, ``malloc_trim(0)`` (the whole free pages of every arena back to the OS) once the
+  free heap grew by more than :func:`trim_limit` over that baseline or the last trim (a sixteenth of the step's DKM
+  weights, 64 to 256 MiB), so the memory held free stays under the limit plus one layer's transients (``mallinfo2``:
+  a fraction of a millisecond); untuned, also always before a module of ``MMAP_THRESHOLD_MAX`` or more, whose
+  tensors glibc maps anyway (the embedding and the head of a 125M decoder, its last and first backward).
 
-The cost is a few trims a step and faulting the returned pages back in when later layers reuse them (measured in
-benchmarks/results/model_scale.md). Trimming on every free instead (``MALLOC_TRIM_THRESHOLD_=0``) made the 125M model's 8-bit step 1.85x slower.
+Measured on the decoders of ``benchmarks/model_scale.py`` (1x128 tokens; ``REUSE_MIN_BYTES`` has the numbers)
+against the previous policy (glibc's maps, a trim before every module of 32 MiB or more, which at 1.1B unmapped and
+faulted back about 16 GB a step). The trim before each big module also returned what ``zero_grad`` had just freed,
+so every new gradient faulted its pages in again: the baseline keeps that for reuse.
 
 Elsewhere (macOS, Windows, musl, glibc before 2.33) it does nothing. ``FakePalettize.trim_heap = False`` turns it
 off.
@@ -33,12 +39,28 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-#: Trim once the C heap's free memory grew by more than this since the last trim.
+#: Trim once the C heap's free memory grew over the step's baseline (or the last trim) by more than
+#: ``trim_limit()``: a FREE_HEAP_FRACTION of the DKM weight bytes the step's forward armed, within
+#: [FREE_HEAP_MIN, FREE_HEAP_LIMIT]. Relative, so what is held free stays a small part of the model's peak.
 FREE_HEAP_LIMIT = 256 << 20
-#: glibc's largest automatic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): an allocation at least
-#: this big is always mapped, never served from the heap.
+FREE_HEAP_MIN = 64 << 20  # over a few 16 MB layers' transients: small models do not trim every step
+FREE_HEAP_FRACTION = 16
+#: glibc ``mallopt`` parameters (``malloc.h``) and the values set while DKM trains, then glibc's defaults.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+TOP_TRIM_THRESHOLD = 1 << 30
+GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+#: glibc's largest automatic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): with glibc's
+#: defaults, an allocation at least this big is always mapped, never served from the heap.
 MMAP_THRESHOLD_MAX = 32 << 20
-_state = {"free_after_trim": 0}  # the free heap (mallinfo2().fordblks) right after the last trim
+#: Serve every tensor from the heap once a step's forward armed this many bytes of DKM weights (about 250M fp32
+#: parameters). Measured at 4 bits: 1.1B (4.4 GB) 28% faster steps for a peak 1.05x plain's instead of 0.98x; 350M
+#: (1.5 GB) 11% faster, 1.15x instead of 1.03x; 125M (0.5 GB) 9% faster but 1.22-1.32x instead of 1.11x (its
+#: embedding's and head's transients, a fifth of its peak, stay on the heap), so smaller models keep glibc's maps.
+REUSE_MIN_BYTES = 1 << 30
+#: free_after_trim: the free heap (mallinfo2().fordblks) at the baseline or the last trim; backward: a DKM backward
+#: check ran since the last baseline; installed: modules with the forward hook; tuned: mallopt applied
+#: step_bytes: the DKM weight bytes armed since the baseline
+_state = {"free_after_trim": 0, "backward": True, "installed": 0, "tuned": False, "step_bytes": 0}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -48,18 +70,19 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=1)
-def _glibc() -> Optional[tuple[Callable[[int], int], Callable[[], _MallInfo2]]]:
-    """glibc's ``malloc_trim`` and ``mallinfo2``, or None where the C library lacks either."""
+def _glibc() -> Optional[tuple[Callable[[int], int], Callable[[], _MallInfo2], Callable[[int, int], int]]]:
+    """glibc's ``malloc_trim``, ``mallinfo2`` and ``mallopt``, or None where the C library lacks any of them."""
     try:
         libc = ctypes.CDLL(None)  # the symbols the process has loaded, the C library's among them
     except (OSError, TypeError):  # TypeError: Windows wants a name
         return None
-    trim, info = (getattr(libc, f, None) for f in ("malloc_trim", "mallinfo2"))
-    if trim is None or info is None:
+    trim, info, opt = (getattr(libc, f, None) for f in ("malloc_trim", "mallinfo2", "mallopt"))
+    if trim is None or info is None or opt is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     info.argtypes, info.restype = [], _MallInfo2
-    return trim, info
+    opt.argtypes, opt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return trim, info, opt
 
 
 def free_heap_bytes() -> Optional[int]:
@@ -75,18 +98,54 @@ def release_free_heap() -> None:
         funcs[0](0)
 
 
+def _mallopt(values: dict) -> None:
+    funcs = _glibc()
+    if funcs is not None:
+        for param, value in values.items():
+            funcs[2](param, value)
+
+
+def trim_limit() -> int:
+    """Bytes of free-heap growth that trigger a trim this step (see ``FREE_HEAP_LIMIT``)."""
+    return min(FREE_HEAP_LIMIT, max(FREE_HEAP_MIN, _state["step_bytes"] // FREE_HEAP_FRACTION))
+
+
 def trim_if_large(_grad: Optional[torch.Tensor] = None, always: bool = False) -> None:
-    """Trim when the free heap grew by more than ``FREE_HEAP_LIMIT`` since the last trim (a trim leaves the chunks
-    free, only their pages go back, so the free total itself does not fall), or ``always``. Also a tensor gradient
-    hook: it leaves the gradient as it is."""
+    """Trim when the free heap grew by more than :func:`trim_limit` over the baseline or the last trim (a trim
+    leaves the chunks free, only their pages go back, so the free total itself does not fall), or ``always``. Also a
+    tensor gradient hook: it leaves the gradient as it is."""
+    _state["backward"] = True
     free = free_heap_bytes()
     if free is None:
         return
-    if always or free - _state["free_after_trim"] > FREE_HEAP_LIMIT:
+    if always or free - _state["free_after_trim"] > trim_limit():
         release_free_heap()
         _state["free_after_trim"] = free
     elif free < _state["free_after_trim"]:  # trimmed chunks in use again: resident again
         _state["free_after_trim"] = free
+
+
+def arm(output: torch.Tensor, nbytes: int) -> None:
+    """For a module whose DKM trains on CPU (``nbytes`` of weights), in its training forward: the heap tuned for
+    reuse (once, from ``REUSE_MIN_BYTES`` a step), then the step's baseline taken at its first such forward, and the
+    trim check hooked on ``output``, whose gradient arrives just before the module's own backward."""
+    if _glibc() is None:
+        return
+    new_step = _state["backward"]  # the first DKM forward since a backward
+    if new_step:
+        _state.update(backward=False, step_bytes=0)
+    _state["step_bytes"] += nbytes
+    if not _state["tuned"] and _state["step_bytes"] >= REUSE_MIN_BYTES:
+        _mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: TOP_TRIM_THRESHOLD})
+        _state["tuned"] = True
+    if new_step and _state["tuned"]:  # the heap is kept for reuse: what the last step freed is this step's
+        _state["free_after_trim"] = free_heap_bytes()
+    mapped = not _state["tuned"] and nbytes >= MMAP_THRESHOLD_MAX  # glibc maps its tensors: held free is waste
+    output.register_hook(_trim_always if mapped else trim_if_large)
+
+
+def _trim_always(_grad: torch.Tensor) -> None:
+    trim_if_large(always=True)
 
 
 def dkm_bytes(module: nn.Module) -> int:
@@ -101,31 +160,34 @@ def dkm_bytes(module: nn.Module) -> int:
 
 
 def _arm(module: nn.Module, _args, output) -> None:
-    if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad
-            and _glibc() is not None):
+    if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
         return
-    size = dkm_bytes(module)
-    if size > 0:
-        output.register_hook(backward_hook(size))  # the output's gradient arrives just before the module's backward
-
-
-def backward_hook(nbytes: int) -> Callable[[torch.Tensor], None]:
-    """The gradient hook for the output of a module whose weights take ``nbytes``: it always trims when the module's
-    tensors never come from the heap (whatever the heap holds free is waste then), otherwise past the limit."""
-    return _trim_always if nbytes >= MMAP_THRESHOLD_MAX else trim_if_large
-
-
-def _trim_always(_grad: torch.Tensor) -> None:
-    trim_if_large(always=True)
+    nbytes = dkm_bytes(module)
+    if nbytes > 0:
+        arm(output, nbytes)
 
 
 def install(module: nn.Module) -> None:
     """Check the free heap before ``module``'s backward (once per module)."""
     if _arm not in module._forward_hooks.values():
         module.register_forward_hook(_arm)
+        _state["installed"] += 1
+
+
+def release() -> None:
+    """glibc's defaults again and the free heap back to the OS (before ``finalize``: its per-layer work then runs
+    under glibc's maps, not on a heap that keeps what it frees). The next DKM training step tunes it again."""
+    if _state["tuned"]:
+        _mallopt(GLIBC_DEFAULTS)
+        _state["tuned"] = False
+        release_free_heap()
 
 
 def uninstall(module: nn.Module) -> None:
-    """Remove what :func:`install` added (finalize, once the module holds no DKM layer)."""
+    """Remove what :func:`install` added (finalize, once the module holds no DKM layer); after the last module, glibc's
+    defaults again."""
     for key in [k for k, fn in module._forward_hooks.items() if fn is _arm]:
         del module._forward_hooks[key]
+        _state["installed"] -= 1
+    if _state["installed"] <= 0:
+        release()

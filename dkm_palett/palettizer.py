@@ -141,6 +141,7 @@ class DKMPalettizer:
         if not inplace:
             model = copy.deepcopy(model)
         self._final_stats, self._final_histograms = {}, {}
+        heap.release()  # finalize's per-layer work under glibc's defaults (training tuned the heap for reuse)
         layers = list(fake_palettizers(model))
         for full, module, param_name, fp in progress_bar(layers, self.show_progress, "DKM finalize"):
             original = getattr(module.parametrizations, param_name).original.detach()

@@ -258,9 +258,13 @@ def _layer_engine(n_bits, impl, scale=0.02, in_features=512, dtype="fp32", **kw)
     return fp.engine(original, x, fp.centroids)
 
 
-def test_auto_runs_exact_fused_dkm_up_to_4_bits_and_bounded_binned_above():
-    assert _layer_engine(4, "auto", in_features=2048)[0] == "fused"  # a grid would be allowed: exact is chosen
+def test_auto_runs_exact_fused_dkm_on_small_luts_and_at_2_bits_and_bounded_binned_above():
+    assert _layer_engine(4, "auto", in_features=512)[0] == "fused"  # 131k weights: a grid would be allowed, exact wins
     assert _layer_engine(2, "auto", in_features=2048)[0] == "fused"
+    for bits in (3, 4):  # 524k weights a LUT: at least BINNED_MIN_POINTS, so the bounded grid
+        name, bins = _layer_engine(bits, "auto", in_features=2048)
+        assert name == "binned" and 16 < bins <= 2048 * 256 // 4
+    assert _layer_engine(4, "auto", in_features=2048, granularity="per_grouped_channel", group_size=64)[0] == "fused"
     assert _layer_engine(4, "dense")[0] == "fused"
     name, bins = _layer_engine(6, "auto", in_features=2048)
     assert name == "binned" and 16 < bins <= 2048 * 256 // 4

@@ -1,4 +1,4 @@
-"""The C heap's freed memory goes back to the OS during a DKM backward once enough piled up (dkm_palett.heap)."""
+"""DKM training keeps the C heap's memory for reuse and gives back what piles up during a backward (dkm_palett.heap)."""
 
 import subprocess
 import sys
@@ -24,7 +24,7 @@ class Net(nn.Module):
 
 
 class FakeGlibc:
-    """Stands in for glibc: records trims and reports a free-heap total the test sets."""
+    """Stands in for glibc: records trims and mallopt calls and reports a free-heap total the test sets."""
 
     def __init__(self, events):
         self.events, self.free = events, 0
@@ -35,13 +35,22 @@ class FakeGlibc:
     def info(self):
         return SimpleNamespace(fordblks=self.free)
 
+    def opt(self, param, value):
+        self.events.append(("mallopt", param, value))
+        return 1
+
 
 @pytest.fixture
 def glibc(monkeypatch):
     fake = FakeGlibc([])
-    monkeypatch.setattr(heap, "_glibc", lambda: (fake.trim, fake.info))
-    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0})
+    monkeypatch.setattr(heap, "_glibc", lambda: (fake.trim, fake.info, fake.opt))
+    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0, "backward": True, "installed": 0, "tuned": False,
+                                         "step_bytes": 0})
     return fake
+
+
+def _no_mallopt(events):
+    return [e for e in events if e[0] != "mallopt"]
 
 
 def _model(milestone=0):
@@ -72,30 +81,92 @@ def test_trims_before_a_modules_backward_once_the_free_heap_grew_past_the_limit(
     big = heap.FREE_HEAP_LIMIT + 1
     _step(model, glibc, grow=big)
     # the head's backward comes first: each module's check runs just before its own backward
-    assert glibc.events == [("trim", big), ("head grad", big), ("trim", 2 * big), ("embed grad", 2 * big)]
+    assert _no_mallopt(glibc.events) == [("trim", big), ("head grad", big), ("trim", 2 * big), ("embed grad", 2 * big)]
     assert heap._state["free_after_trim"] == 2 * big
 
 
 def test_no_trim_while_the_growth_since_the_last_trim_is_under_the_limit(glibc):
     _, model = _model()
-    heap._state["free_after_trim"] = glibc.free = 10 * heap.FREE_HEAP_LIMIT  # trimmed there: its chunks stay free
-    _step(model, glibc, grow=heap.FREE_HEAP_LIMIT // 2)  # + 1/2 limit, then + 1: under the limit
-    assert [e[0] for e in glibc.events] == ["head grad", "embed grad"]
-    glibc.free = 4 * heap.FREE_HEAP_LIMIT  # trimmed chunks in use again (resident): the reference follows them down
+    limit = heap.FREE_HEAP_MIN  # this tiny model's limit (its weights / FREE_HEAP_FRACTION are less)
+    heap._state["free_after_trim"] = glibc.free = 10 * limit  # trimmed there: its chunks stay free
+    _step(model, glibc, grow=limit // 2)  # + 1/2 limit, then + 1: under the limit
+    assert heap.trim_limit() == limit
+    assert [e[0] for e in _no_mallopt(glibc.events)] == ["head grad", "embed grad"]
+    glibc.free = 4 * limit  # trimmed chunks in use again (resident): the reference follows them down
     heap.trim_if_large()
-    assert heap._state["free_after_trim"] == 4 * heap.FREE_HEAP_LIMIT and glibc.events[-1][0] == "embed grad"
-    glibc.free += heap.FREE_HEAP_LIMIT + 1
+    assert heap._state["free_after_trim"] == 4 * limit and glibc.events[-1][0] == "embed grad"
+    glibc.free += limit + 1
     heap.trim_if_large()
     assert glibc.events[-1][0] == "trim"
 
 
-def test_a_module_too_large_for_the_heap_always_trims(glibc, monkeypatch):
-    """Modules of at least MMAP_THRESHOLD_MAX bytes of DKM weights (patched: the 32 KiB embedding, not the 16 KiB
-    head) trim before their backward whatever the growth: their tensors never come from the heap."""
+def test_the_limit_is_a_share_of_the_steps_dkm_weights_within_bounds(glibc):
+    """What may pile up free before a trim scales with the model: a 1/16 of the DKM weights the step armed, at
+    least FREE_HEAP_MIN and at most FREE_HEAP_LIMIT."""
+    _, model = _model()
+    _step(model, glibc)
+    assert heap._state["step_bytes"] == (256 * 32 + 128 * 32) * 4  # the embedding's and the head's fp32 weights
+    for step_bytes, limit in ((1 << 20, heap.FREE_HEAP_MIN), (1 << 31, (1 << 31) // heap.FREE_HEAP_FRACTION),
+                              (1 << 36, heap.FREE_HEAP_LIMIT)):
+        heap._state["step_bytes"] = step_bytes
+        assert heap.trim_limit() == limit
+
+
+def test_each_step_takes_its_baseline_at_its_first_dkm_forward(glibc, monkeypatch):
+    """With the heap kept for reuse (REUSE_MIN_BYTES patched to 0), what the previous step and zero_grad freed (here
+    10 limits: last step's gradients) is this step's to reuse, not trimmed; the baseline is taken once per step, at
+    the first DKM forward after a backward."""
+    monkeypatch.setattr(heap, "REUSE_MIN_BYTES", 0)
+    _, model = _model()
+    limit = heap.FREE_HEAP_MIN  # this tiny model's limit
+    for _ in range(2):
+        glibc.free += 10 * limit
+        baseline = glibc.free + limit // 2  # _step grows the heap once before its forward, then per module
+        _step(model, glibc, grow=limit // 2)
+        assert heap._state["free_after_trim"] == baseline
+    assert [e for e in glibc.events if e[0] == "trim"] == []
+    glibc.free += 10 * limit
+    model(torch.randint(0, 256, (4, 8)))  # a new step: a new baseline
+    baseline = glibc.free
+    glibc.free += 10 * limit
+    model(torch.randint(0, 256, (4, 8)))  # a second forward before any backward keeps it
+    assert heap._state["free_after_trim"] == baseline
+
+
+def test_a_module_glibc_maps_always_trims_unless_the_heap_is_kept_for_reuse(glibc, monkeypatch):
+    """Under glibc's defaults, modules of at least MMAP_THRESHOLD_MAX bytes of DKM weights (patched: the 32 KiB
+    embedding, not the 16 KiB head) trim before their backward whatever the growth: their tensors never come from
+    the heap. Once the heap serves everything (REUSE_MIN_BYTES reached), only the growth counts."""
     monkeypatch.setattr(heap, "MMAP_THRESHOLD_MAX", 24 << 10)
     _, model = _model()
     _step(model, glibc, grow=0)
     assert [e[0] for e in glibc.events] == ["head grad", "trim", "embed grad"]
+    monkeypatch.setattr(heap, "REUSE_MIN_BYTES", 0)
+    del glibc.events[:]
+    _step(model, glibc, grow=0)
+    assert [e for e in glibc.events if e[0] == "trim"] == []
+
+
+def test_glibc_serves_everything_from_the_heap_while_dkm_trains_and_gets_its_defaults_back(glibc, monkeypatch):
+    """From REUSE_MIN_BYTES of DKM weights a step (patched to this tiny model's 48 KiB; by default it stays under)."""
+    pal, model = _model()
+    _step(model, glibc)
+    assert [e for e in glibc.events if e[0] == "mallopt"] == []  # under REUSE_MIN_BYTES: glibc's defaults
+    monkeypatch.setattr(heap, "REUSE_MIN_BYTES", (256 * 32 + 128 * 32) * 4)
+    _step(model, glibc)
+    _step(model, glibc)
+    tuned = [("mallopt", heap.M_MMAP_MAX, 0), ("mallopt", heap.M_TRIM_THRESHOLD, heap.TOP_TRIM_THRESHOLD)]
+    assert [e for e in glibc.events if e[0] == "mallopt"] == tuned  # once, at the first DKM forward
+    assert heap._state["installed"] == 2
+    tuned_while_snapping = []
+    snap = FakePalettize.to_palettized
+    monkeypatch.setattr(FakePalettize, "to_palettized",
+                        lambda self, w: tuned_while_snapping.append(heap._state["tuned"]) or snap(self, w))
+    pal.finalize(inplace=True)  # finalize runs under glibc's defaults, the heap trimmed first
+    assert tuned_while_snapping == [False, False]
+    defaults = [("mallopt", p, v) for p, v in heap.GLIBC_DEFAULTS.items()]
+    assert [e for e in glibc.events if e[0] in ("mallopt", "trim")][2:] == defaults + [("trim", glibc.free)]
+    assert heap._state["installed"] == 0 and not heap._state["tuned"]
 
 
 def test_no_check_in_eval_without_grad_before_the_milestone_or_switched_off(glibc, monkeypatch):
@@ -110,19 +181,20 @@ def test_no_check_in_eval_without_grad_before_the_milestone_or_switched_off(glib
     _step(late, glibc, grow=big)
     monkeypatch.setattr(FakePalettize, "trim_heap", False)
     _step(model, glibc, grow=big)
-    assert [e for e in glibc.events if e[0] == "trim"] == []
+    assert [e for e in glibc.events if e[0] in ("trim", "mallopt")] == []
 
 
 def test_gradients_are_unchanged(monkeypatch):
-    """The hook only trims (glibc's real malloc_trim here, at every module): gradients are bit-identical with the
-    trim and without it."""
+    """The hook only tunes glibc and trims (glibc's real mallopt and malloc_trim here, a trim at every module):
+    gradients are bit-identical with it and without it; finalize gives glibc its defaults back."""
     grads = []
     for on in (True, False):
         monkeypatch.setattr(FakePalettize, "trim_heap", on)
         monkeypatch.setattr(heap, "FREE_HEAP_LIMIT", -1)
-        _, model = _model()
+        pal, model = _model()
         model(torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(1))).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        pal.finalize(inplace=True)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 

@@ -41,9 +41,9 @@ class ModuleDKMPalettizerConfig(ConfigIO):
     Beyond coremltools: ``granularity``/``group_size`` (one LUT per group of output channels),
     ``enable_per_channel_scale``, ``lut_dtype`` (modern spelling of ``cluster_dtype``), and the speed controls
     ``dkm_impl`` (``dense``: exact DKM on every weight, fused kernels for scalar LUTs on CPU; ``binned``: scalar
-    LUTs on a grid chosen from tau and the centroid spacing for a bounded error; ``auto``: exact up to 4 bits, binned
-    above where its grid has at most ``dkm_bins`` points and at most a quarter as many as the weights per LUT, else
-    exact) and ``dkm_bins``.
+    LUTs on a grid chosen from tau and the centroid spacing for a bounded error; ``auto``: exact at 2 bits and, up to
+    4 bits, on LUTs of fewer than 2^18 weights; elsewhere binned where its grid has at most ``dkm_bins`` points and at
+    most a quarter as many as the weights per LUT, else exact; :mod:`dkm_palett.engine_choice`) and ``dkm_bins``.
 
     ``sensitivity_weighted``: weight DKM's centroid update, and the finalize LUT's cluster means, by each weight's
     running squared gradient (a Fisher diagonal from the training's own backward passes, factored into row and
