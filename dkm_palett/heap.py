@@ -53,9 +53,10 @@ GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 #: defaults, an allocation at least this big is always mapped, never served from the heap.
 MMAP_THRESHOLD_MAX = 32 << 20
 #: Serve every tensor from the heap once a step's forward armed this many bytes of DKM weights (about 250M fp32
-#: parameters). Measured at 4 bits: 1.1B (4.4 GB) 28% faster steps for a peak 1.05x plain's instead of 0.98x; 350M
-#: (1.5 GB) 11% faster, 1.15x instead of 1.03x; 125M (0.5 GB) 9% faster but 1.22-1.32x instead of 1.11x (its
-#: embedding's and head's transients, a fifth of its peak, stay on the heap), so smaller models keep glibc's maps.
+#: parameters). Measured back to back at 4 bits, 1x128 tokens: 1.1B (4.4 GB) 25.6 -> 17.7-18.8 s a step, peak
+#: 1.05-1.12x plain's instead of 0.98x; 350M (1.5 GB) 6.9 -> 5.9 s, 1.05-1.15x instead of 1.01-1.03x; 125M (0.5 GB)
+#: 2.12 -> 1.9 s but 1.22-1.32x instead of 1.10x (over #10's 1.25x; its embedding's and head's 98 MB transients are
+#: a large part of its peak), so smaller models keep glibc's maps.
 REUSE_MIN_BYTES = 1 << 30
 #: free_after_trim: the free heap (mallinfo2().fordblks) at the baseline or the last trim; backward: a DKM backward
 #: check ran since the last baseline; installed: modules with the forward hook; tuned: mallopt applied
