@@ -226,3 +226,29 @@ def test_release_returns_freed_heap_memory_to_the_os():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     freed, returned = map(float, out.stdout.split()[-2:])
     assert freed >= 64 and returned > 48  # of the 64 MiB freed (a page per hole stays)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or heap._glibc() is None, reason="glibc 2.33+ only")
+def test_tuned_glibc_serves_a_large_tensor_from_the_heap_and_maps_it_again_after_finalize():
+    """The real mallopt: while DKM trains past REUSE_MIN_BYTES (patched to 0) a 64 MiB tensor comes from the heap
+    (glibc's mapped bytes, ``mallinfo2().hblkhd``, do not grow); after finalize glibc maps it again."""
+    code = textwrap.dedent("""
+        import torch
+        from torch import nn
+        from dkm_palett import DKMPalettizer, DKMPalettizerConfig, ModuleDKMPalettizerConfig, heap
+        heap.REUSE_MIN_BYTES = 0
+        def mapped_growth():
+            before = heap._glibc()[1]().hblkhd
+            big = torch.ones(16 << 20)  # 64 MiB (over glibc's largest automatic mmap threshold), alive while read
+            return heap._glibc()[1]().hblkhd - before
+        untouched = mapped_growth()
+        cfg = ModuleDKMPalettizerConfig(n_bits=2, weight_threshold=0)
+        pal = DKMPalettizer(nn.Sequential(nn.Linear(64, 64)), DKMPalettizerConfig(global_config=cfg))
+        model = pal.prepare()
+        model(torch.randn(4, 64)).sum().backward()
+        tuned = mapped_growth()
+        pal.finalize(inplace=True)
+        print(untouched >> 20, tuned >> 20, mapped_growth() >> 20)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert list(map(int, out.stdout.split()[-3:])) == [64, 0, 64]
