@@ -11,8 +11,7 @@ While a DKM layer trains on CPU (:func:`arm` on its forward) this module:
 * once a step trains ``REUSE_MIN_BYTES`` of DKM weights, asks glibc (``mallopt``) to serve every allocation from
   the heap (``M_MMAP_MAX`` 0) and to leave its top alone below ``TOP_TRIM_THRESHOLD``, so what a step frees (last
   step's gradients, each layer's transients) is reused by the next allocations instead of being unmapped and
-  faulted back; ``finalize`` (:func:`release`) and :func:`uninstall` of the last DKM module restore glibc's
-  defaults;
+  faulted back; ``finalize`` (:func:`release`) restores glibc's defaults;
 * so tuned, takes the free heap at the first DKM forward of each step as the baseline: what ``zero_grad`` and the
   previous step freed, which this step's gradients and transients reuse;
 * before each DKM module's backward, ``malloc_trim(0)`` (the whole free pages of every arena back to the OS) once the
@@ -59,9 +58,8 @@ MMAP_THRESHOLD_MAX = 32 << 20
 #: a large part of its peak), so smaller models keep glibc's maps.
 REUSE_MIN_BYTES = 1 << 30
 #: free_after_trim: the free heap (mallinfo2().fordblks) at the baseline or the last trim; backward: a DKM backward
-#: check ran since the last baseline; installed: modules with the forward hook; tuned: mallopt applied
-#: step_bytes: the DKM weight bytes armed since the baseline
-_state = {"free_after_trim": 0, "backward": True, "installed": 0, "tuned": False, "step_bytes": 0}
+#: check ran since the last baseline; tuned: mallopt applied; step_bytes: the DKM weight bytes armed since the baseline
+_state = {"free_after_trim": 0, "backward": True, "tuned": False, "step_bytes": 0}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -172,7 +170,6 @@ def install(module: nn.Module) -> None:
     """Check the free heap before ``module``'s backward (once per module)."""
     if _arm not in module._forward_hooks.values():
         module.register_forward_hook(_arm)
-        _state["installed"] += 1
 
 
 def release() -> None:
@@ -185,10 +182,6 @@ def release() -> None:
 
 
 def uninstall(module: nn.Module) -> None:
-    """Remove what :func:`install` added (finalize, once the module holds no DKM layer); after the last module, glibc's
-    defaults again."""
+    """Remove what :func:`install` added (finalize, once the module holds no DKM layer)."""
     for key in [k for k, fn in module._forward_hooks.items() if fn is _arm]:
         del module._forward_hooks[key]
-        _state["installed"] -= 1
-    if _state["installed"] <= 0:
-        release()

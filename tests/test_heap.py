@@ -44,8 +44,7 @@ class FakeGlibc:
 def glibc(monkeypatch):
     fake = FakeGlibc([])
     monkeypatch.setattr(heap, "_glibc", lambda: (fake.trim, fake.info, fake.opt))
-    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0, "backward": True, "installed": 0, "tuned": False,
-                                         "step_bytes": 0})
+    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0, "backward": True, "tuned": False, "step_bytes": 0})
     return fake
 
 
@@ -157,7 +156,6 @@ def test_glibc_serves_everything_from_the_heap_while_dkm_trains_and_gets_its_def
     _step(model, glibc)
     tuned = [("mallopt", heap.M_MMAP_MAX, 0), ("mallopt", heap.M_TRIM_THRESHOLD, heap.TOP_TRIM_THRESHOLD)]
     assert [e for e in glibc.events if e[0] == "mallopt"] == tuned  # once, at the first DKM forward
-    assert heap._state["installed"] == 2
     tuned_while_snapping = []
     snap = FakePalettize.to_palettized
     monkeypatch.setattr(FakePalettize, "to_palettized",
@@ -166,7 +164,7 @@ def test_glibc_serves_everything_from_the_heap_while_dkm_trains_and_gets_its_def
     assert tuned_while_snapping == [False, False]
     defaults = [("mallopt", p, v) for p, v in heap.GLIBC_DEFAULTS.items()]
     assert [e for e in glibc.events if e[0] in ("mallopt", "trim")][2:] == defaults + [("trim", glibc.free)]
-    assert heap._state["installed"] == 0 and not heap._state["tuned"]
+    assert not heap._state["tuned"]
 
 
 def test_no_check_in_eval_without_grad_before_the_milestone_or_switched_off(glibc, monkeypatch):
