@@ -6,6 +6,10 @@ sweeps in one pass each with nothing per weight: the power sums behind the inter
 output, the table gradient and the weight gradient. They run the torch path's float64 operations in the same
 order per weight, so they agree with it to float64 rounding of the sums.
 
+Products and sums may fuse into FMAs (``fastmath={"contract"}``, as in :mod:`dkm_palett.dkm_fused_kernels`; 5-8% off
+each pass), nothing else reorders float math. A kernel rounds the same way every time it runs, so the backward's
+recomputed cells and outputs stay bit-identical to the forward's.
+
 Sums over the weights (the moments, the table gradient) run in a fixed number of partitions, each into its own
 per-bin array, added in a fixed order: the result does not depend on the thread count.
 """
@@ -19,9 +23,10 @@ CHUNK = 1 << 15  # weights per work item of the per-weight passes
 BLOCK = 512  # weights per block: their cells and positions go to small buffers first (vectorised), then the gathers
 PARTS_BYTES = 64 << 20  # at most this much for the per-partition per-bin sums
 MAX_PARTS = 8
+_FAST = {"contract"}
 
 
-@numba.njit(inline="always")
+@numba.njit(inline="always", fastmath=_FAST)
 def _cells(xs, nb, lo, inv_delta, last, cell, t):
     """``cell[:nb]``, ``t[:nb]``: each weight's grid cell (the node left of it, padded index minus 1) and its
     position in it, in ``[0, 1]`` (``dkm_binned._grid_coords``'s operations, with the grid's ``1 / delta``);
@@ -36,7 +41,7 @@ def _cells(xs, nb, lo, inv_delta, last, cell, t):
         cell[i] = np.int32(left)
 
 
-@numba.njit(inline="always")
+@numba.njit(inline="always", fastmath=_FAST)
 def _buffers():
     return np.empty(BLOCK, np.int32), np.empty(BLOCK, np.float64)
 
@@ -46,7 +51,7 @@ def _buffers():
 # gradient pass 1.6x slower).
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _scatter_kernel(x, v, lo, inv_delta, last, out):
     """Per partition, group and cell: ``sum v t^p`` (``v`` None: 1), p = 0..4, into ``out (parts, G, bins, 5)``
     float64 zeros (a cell's sums share a cache line). The powers are made first and added as five independent
@@ -78,7 +83,7 @@ def _scatter_kernel(x, v, lo, inv_delta, last, out):
                 acc[b + 4] += s3 * t
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _poly_kernel(x, g, om, lo, inv_delta, last, coef, out, sq):
     """``out[g, i] = P_b(t)`` (``g`` None: ``coef (G, B, 4)``, a cubic per cell) or ``g_i Q_b(t) + om_i P_b(t)``
     (``coef (G, B, 7)``: the quadratic ``Q`` then the cubic ``P``; ``om`` None: 1), by Horner's rule. ``sq`` (None

@@ -16,9 +16,10 @@ While a DKM layer trains on CPU (:func:`arm` on its forward) this module:
   previous step freed, which this step's gradients and transients reuse;
 * before each DKM module's backward, ``malloc_trim(0)`` (the whole free pages of every arena back to the OS) once the
   free heap grew by more than :func:`trim_limit` over that baseline or the last trim (a sixteenth of the step's DKM
-  weights, 64 to 256 MiB), so the memory held free stays under the limit plus one layer's transients (``mallinfo2``:
-  a fraction of a millisecond); untuned, also always before a module of ``MMAP_THRESHOLD_MAX`` or more, whose
-  tensors glibc maps anyway (the embedding and the head of a 125M decoder, its last and first backward).
+  weights, 64 to 256 MiB), so the memory held free stays under about twice the limit (the free heap, ``mallinfo2``,
+  is read once a quarter of the limit in DKM weights went through backward since the last read: ``CHECK_FRACTION``);
+  untuned, also always before a module of ``MMAP_THRESHOLD_MAX`` or more, whose tensors glibc maps anyway (the
+  embedding and the head of a 125M decoder, its last and first backward).
 
 Measured on the decoders of ``benchmarks/model_scale.py`` (1x128 tokens; ``REUSE_MIN_BYTES`` has the numbers)
 against the previous policy (glibc's maps, a trim before every module of 32 MiB or more, which at 1.1B unmapped and
@@ -44,6 +45,11 @@ from torch import nn
 FREE_HEAP_LIMIT = 256 << 20
 FREE_HEAP_MIN = 64 << 20  # over a few 16 MB layers' transients: small models do not trim every step
 FREE_HEAP_FRACTION = 16
+#: Read the free heap (``mallinfo2``, which walks every arena's free lists: 1-2 ms a call on a 350M decoder's heap,
+#: 0.4 s of a 5.9 s step when read before each of its 170 modules) only once the DKM weights whose backward ran since
+#: the last read reach ``trim_limit() // CHECK_FRACTION``. A module's backward frees a few times its weight bytes
+#: (its recomputed output, the output's gradient), so what piles up unseen stays under about the limit.
+CHECK_FRACTION = 4
 #: glibc ``mallopt`` parameters (``malloc.h``) and the values set while DKM trains, then glibc's defaults.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 TOP_TRIM_THRESHOLD = 1 << 30
@@ -58,8 +64,9 @@ MMAP_THRESHOLD_MAX = 32 << 20
 #: a large part of its peak), so smaller models keep glibc's maps.
 REUSE_MIN_BYTES = 1 << 30
 #: free_after_trim: the free heap (mallinfo2().fordblks) at the baseline or the last trim; backward: a DKM backward
-#: check ran since the last baseline; tuned: mallopt applied; step_bytes: the DKM weight bytes armed since the baseline
-_state = {"free_after_trim": 0, "backward": True, "tuned": False, "step_bytes": 0}
+#: check ran since the last baseline; tuned: mallopt applied; step_bytes: the DKM weight bytes armed since the baseline;
+#: unchecked: the DKM weight bytes whose backward ran since the free heap was last read
+_state = {"free_after_trim": 0, "backward": True, "tuned": False, "step_bytes": 0, "unchecked": 0}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -109,11 +116,17 @@ def trim_limit() -> int:
     return min(FREE_HEAP_LIMIT, max(FREE_HEAP_MIN, _state["step_bytes"] // FREE_HEAP_FRACTION))
 
 
-def trim_if_large(_grad: Optional[torch.Tensor] = None, always: bool = False) -> None:
-    """Trim when the free heap grew by more than :func:`trim_limit` over the baseline or the last trim (a trim
-    leaves the chunks free, only their pages go back, so the free total itself does not fall), or ``always``. Also a
-    tensor gradient hook: it leaves the gradient as it is."""
+def trim_if_large(_grad: Optional[torch.Tensor] = None, always: bool = False, nbytes: int = 0) -> None:
+    """Before the backward of a module with ``nbytes`` of DKM weights: trim when the free heap grew by more than
+    :func:`trim_limit` over the baseline or the last trim (a trim leaves the chunks free, only their pages go back,
+    so the free total itself does not fall), or ``always``. The free heap is read only once the unread modules'
+    weights reach ``trim_limit() // CHECK_FRACTION`` (or ``always``). Also a tensor gradient hook: it leaves the
+    gradient as it is."""
     _state["backward"] = True
+    _state["unchecked"] += nbytes
+    if not always and _state["unchecked"] < trim_limit() // CHECK_FRACTION:
+        return
+    _state["unchecked"] = 0
     free = free_heap_bytes()
     if free is None:
         return
@@ -132,7 +145,7 @@ def arm(output: torch.Tensor, nbytes: int) -> None:
         return
     new_step = _state["backward"]  # the first DKM forward since a backward
     if new_step:
-        _state.update(backward=False, step_bytes=0)
+        _state.update(backward=False, step_bytes=0, unchecked=0)
     _state["step_bytes"] += nbytes
     if not _state["tuned"] and _state["step_bytes"] >= REUSE_MIN_BYTES:
         _mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: TOP_TRIM_THRESHOLD})
@@ -140,11 +153,7 @@ def arm(output: torch.Tensor, nbytes: int) -> None:
     if new_step and _state["tuned"]:  # the heap is kept for reuse: what the last step freed is this step's
         _state["free_after_trim"] = free_heap_bytes()
     mapped = not _state["tuned"] and nbytes >= MMAP_THRESHOLD_MAX  # glibc maps its tensors: held free is waste
-    output.register_hook(_trim_always if mapped else trim_if_large)
-
-
-def _trim_always(_grad: torch.Tensor) -> None:
-    trim_if_large(always=True)
+    output.register_hook(functools.partial(trim_if_large, always=mapped, nbytes=nbytes))
 
 
 def dkm_bytes(module: nn.Module) -> int:

@@ -27,12 +27,13 @@ class FakeGlibc:
     """Stands in for glibc: records trims and mallopt calls and reports a free-heap total the test sets."""
 
     def __init__(self, events):
-        self.events, self.free = events, 0
+        self.events, self.free, self.reads = events, 0, 0
 
     def trim(self, pad):
         self.events.append(("trim", self.free))
 
     def info(self):
+        self.reads += 1
         return SimpleNamespace(fordblks=self.free)
 
     def opt(self, param, value):
@@ -44,7 +45,9 @@ class FakeGlibc:
 def glibc(monkeypatch):
     fake = FakeGlibc([])
     monkeypatch.setattr(heap, "_glibc", lambda: (fake.trim, fake.info, fake.opt))
-    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0, "backward": True, "tuned": False, "step_bytes": 0})
+    monkeypatch.setattr(heap, "_state", {"free_after_trim": 0, "backward": True, "tuned": False, "step_bytes": 0,
+                                         "unchecked": 0})
+    monkeypatch.setattr(heap, "CHECK_FRACTION", 1 << 62)  # this tiny model's modules: the free heap read before each
     return fake
 
 
@@ -97,6 +100,24 @@ def test_no_trim_while_the_growth_since_the_last_trim_is_under_the_limit(glibc):
     glibc.free += limit + 1
     heap.trim_if_large()
     assert glibc.events[-1][0] == "trim"
+
+
+def test_the_free_heap_is_read_once_enough_weights_went_through_backward(glibc, monkeypatch):
+    """mallinfo2 walks every free list (1-2 ms a call at 350M): before a module's backward it is read only once the
+    modules since the last read hold trim_limit() // CHECK_FRACTION bytes of DKM weights, or for a module glibc
+    maps (always)."""
+    monkeypatch.setattr(heap, "CHECK_FRACTION", 4)
+    heap._state["step_bytes"] = 1 << 31  # a 2 GiB step: the limit is 128 MiB, a read every 32 MiB of weights
+    every = heap.trim_limit() // 4
+    assert every == 32 << 20
+    glibc.free = 1 << 40  # far over the baseline: every read trims
+    for _ in range(7):
+        heap.trim_if_large(nbytes=every // 4)  # 8 MiB modules: every fourth one reads the free heap
+    assert glibc.reads == 1 and [e[0] for e in glibc.events] == ["trim"]
+    heap.trim_if_large(nbytes=every // 4)
+    assert glibc.reads == 2 and heap._state["unchecked"] == 0
+    heap.trim_if_large(nbytes=1, always=True)  # a module glibc maps: read (and trim) whatever came before
+    assert glibc.reads == 3 and [e[0] for e in glibc.events] == ["trim"] * 2  # no growth at the second read
 
 
 def test_the_limit_is_a_share_of_the_steps_dkm_weights_within_bounds(glibc):
