@@ -9,9 +9,9 @@ cost: memory the OS gives back must be faulted in and zeroed again on the next u
 While a DKM layer trains on CPU (:func:`arm` on its forward) this module:
 
 * once a step trains ``REUSE_MIN_BYTES`` of DKM weights, asks glibc (``mallopt``) to serve every allocation from
-  the heap (``M_MMAP_MAX`` 0) and to leave its top alone below ``TOP_TRIM_THRESHOLD``, so what a step frees (last
-  step's gradients, each layer's transients) is reused by the next allocations instead of being unmapped and
-  faulted back; ``finalize`` (:func:`release`) restores glibc's defaults;
+  the heap (``M_MMAP_MAX`` 0) and never to trim the heap's top by itself (``M_TRIM_THRESHOLD`` -1), so what a step
+  frees (last step's gradients, each layer's transients) is reused by the next allocations instead of being
+  unmapped and faulted back; ``finalize`` (:func:`release`) restores glibc's defaults;
 * so tuned, takes the free heap at the first DKM forward of each step as the baseline: what ``zero_grad`` and the
   previous step freed, which this step's gradients and transients reuse;
 * before each DKM module's backward, ``malloc_trim(0)`` (the whole free pages of every arena back to the OS) once the
@@ -52,16 +52,22 @@ FREE_HEAP_FRACTION = 16
 CHECK_FRACTION = 4
 #: glibc ``mallopt`` parameters (``malloc.h``) and the values set while DKM trains, then glibc's defaults.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-TOP_TRIM_THRESHOLD = 1 << 30
+#: -1: glibc never trims the top of the heap on free (mallopt(3)), so the trims below are the only ones. With a 1 GiB
+#: threshold instead, ``zero_grad`` freeing a 1.1B model's 4.4 GB of gradients into the top made glibc return them,
+#: and the next backward faulted them back: 3-4 GiB of page faults and 8-12 s of system CPU time in a 18 s step
+#: (this machine's faults cost about 3 us a page), 1-1.3 GiB and 0.5 s in a 350M decoder's 5.1-5.4 s step. At -1,
+#: back to back: 1.1B 12.3 s a step with no faults after the second, peak 10.3 GiB (10.5 at 1 GiB); 350M 4.9 s.
+TOP_TRIM_THRESHOLD = -1
 GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 #: glibc's largest automatic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): with glibc's
 #: defaults, an allocation at least this big is always mapped, never served from the heap.
 MMAP_THRESHOLD_MAX = 32 << 20
 #: Serve every tensor from the heap once a step's forward armed this many bytes of DKM weights (about 250M fp32
-#: parameters). Measured back to back at 4 bits, 1x128 tokens: 1.1B (4.4 GB) 25.6 -> 17.7-18.8 s a step, peak
-#: 1.05-1.12x plain's instead of 0.98x; 350M (1.5 GB) 6.9 -> 5.9 s, 1.05-1.15x instead of 1.01-1.03x; 125M (0.5 GB)
-#: 2.12 -> 1.9 s but 1.22-1.32x instead of 1.10x (over #10's 1.25x; its embedding's and head's 98 MB transients are
-#: a large part of its peak), so smaller models keep glibc's maps.
+#: parameters). Measured back to back at 4 bits, 1x128 tokens (with a 1 GiB top trim threshold): 1.1B (4.4 GB) 25.6
+#: -> 17.7-18.8 s a step, peak 1.05-1.12x plain's instead of 0.98x; 350M (1.5 GB) 6.9 -> 5.9 s, 1.05-1.15x instead
+#: of 1.01-1.03x; 125M (0.5 GB) 2.12 -> 1.9 s but 1.22-1.32x instead of 1.10x (over #10's 1.25x; its embedding's
+#: and head's 98 MB transients are a large part of its peak), so smaller models keep glibc's maps. With the top
+#: never trimmed, 125M: 2.1 -> 1.7 s, peak 1.71 GiB against plain's 1.40 (1.22x), still too close to the bound.
 REUSE_MIN_BYTES = 1 << 30
 #: free_after_trim: the free heap (mallinfo2().fordblks) at the baseline or the last trim; backward: a DKM backward
 #: check ran since the last baseline; tuned: mallopt applied; step_bytes: the DKM weight bytes armed since the baseline;
