@@ -41,15 +41,29 @@ LAGRANGE = ((0.0, -1 / 3, 1 / 2, -1 / 6), (1.0, -1 / 2, -1.0, 1 / 2),
             (0.0, 1.0, 1 / 2, -1 / 2), (0.0, -1 / 6, 0.0, 1 / 6))
 
 
-def grid_points(x: torch.Tensor, c: torch.Tensor, tau: float) -> int:
+class ValueRange:
+    """Each group's smallest and largest weight, ``(lo (G,), hi (G,))`` of ``x (G, N)``, from one pass of each on
+    first use: the engine choice (:func:`grid_points`) and the grid (:class:`_Grid`) of one forward share them."""
+
+    def __init__(self, x: torch.Tensor):
+        self._x, self._bounds = x, None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._bounds is None:
+            self._bounds, self._x = (self._x.amin(1), self._x.amax(1)), None
+        return self._bounds
+
+
+def grid_points(x: torch.Tensor, c: torch.Tensor, tau: float, bounds: Optional[ValueRange] = None) -> int:
     """Grid points per group (three of them padding) that the fp32 binned DKM needs for its error bound, for
-    scalars ``x (G, N)`` and centroids ``c (G, K, 1)``.
+    scalars ``x (G, N)`` (``bounds``: their :class:`ValueRange`, if the caller has one) and centroids ``c (G, K, 1)``.
 
     Between neighbouring centroids ``gap`` apart the attention switches over a width of about ``tau / gap``, so
     the step ``GRID_KAPPA * tau / max gap`` keeps the forward error fourth order and the gradient error third order
     in ``GRID_KAPPA``, whatever the weights' scale (measured in tests/test_dkm_engines.py and benchmarks/README.md)."""
     gap = torch.diff(torch.sort(c[..., 0].double(), dim=1).values, dim=1).amax().item() if c.shape[1] > 1 else 0.0
-    span = (x.amax(1) - x.amin(1)).max().item()
+    lo, hi = (bounds or ValueRange(x)).get()
+    span = (hi - lo).max().item()
     if gap <= 0 or span <= 0:
         return 16
     return max(16, math.ceil(span * gap / (GRID_KAPPA * tau)) + 3)
@@ -93,12 +107,14 @@ def _basis(dtype, device) -> torch.Tensor:
 
 
 class _Grid:
-    """The uniform grid of one forward: ``bins`` points per group, ``lo - delta`` to ``hi + delta`` (float64)."""
+    """The uniform grid of one forward: ``bins`` points per group, ``lo - delta`` to ``hi + delta`` (float64), from
+    ``x (G, N)`` or its :class:`ValueRange` ``bounds``."""
 
-    def __init__(self, x: torch.Tensor, bins: int):
+    def __init__(self, x: torch.Tensor, bins: int, bounds: Optional[ValueRange] = None):
         self.bins, self.groups = bins, x.shape[0]
-        self.lo = x.amin(1, keepdim=True).double()
-        self.delta = ((x.amax(1, keepdim=True).double() - self.lo) / (bins - 3)).clamp_min(torch.finfo(x.dtype).tiny)
+        lo, hi = (bounds or ValueRange(x)).get()
+        self.lo = lo.unsqueeze(1).double()
+        self.delta = ((hi.unsqueeze(1).double() - self.lo) / (bins - 3)).clamp_min(torch.finfo(x.dtype).tiny)
         self.inv_delta = 1.0 / self.delta
         self.anchor = self.lo + self.delta * torch.arange(bins, device=x.device, dtype=torch.float64)  # e_{b+1}
         self.points = self.anchor - self.delta
@@ -275,7 +291,7 @@ class BinnedDKM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c0, p: DKMParams, bins: int, exact_dtype: Optional[torch.dtype] = None, rows: int = 1 << 16,
-                sens: Optional[Sensitivity] = None):
+                sens: Optional[Sensitivity] = None, bounds: Optional[ValueRange] = None):
         xd = x.detach()[..., 0]
         om = active_weights(sens)
         om = None if om is None else om[..., 0]
@@ -293,7 +309,7 @@ class BinnedDKM(torch.autograd.Function):
             out = ctx.replay(x.detach())
             ctx.state = (engine, (exact_dtype, remap), None)
         else:
-            grid = _Grid(xd, bins)
+            grid = _Grid(xd, bins, bounds)
             h0, h1 = (grid.compact(h) for h in grid.moments(xd, om))
             engine = PointDKM(grid.compact(grid.points).unsqueeze(-1), h0, h1.unsqueeze(-1), p, rows)
             c = engine.run(c0.detach().to(f64))
@@ -332,8 +348,8 @@ class BinnedDKM(torch.autograd.Function):
             _, _, own = engine.table_backward(torch.ones_like(engine.e), want_e=True)
             g_x = per_weight(own[..., 0]).mul_(g)
             g_x += per_weight(g_h1[..., 0] + g_e[..., 0] / engine.h0.clamp_min(1))
-            return g_x.unsqueeze(-1), None, None, None, None, None, None
+            return g_x.unsqueeze(-1), None, None, None, None, None, None, None
         g_t = grid.table_grad(xd, g)
         g_h0, g_h1, _, _ = engine.backward(grid.compact(g_t).unsqueeze(-1), want_e=False)
         coef = grid.grad_coefficients(tab, grid.expand(g_h0), grid.expand(g_h1[..., 0]))
-        return grid.weight_grad(xd, g, coef, om).unsqueeze(-1), None, None, None, None, None, None
+        return grid.weight_grad(xd, g, coef, om).unsqueeze(-1), None, None, None, None, None, None, None

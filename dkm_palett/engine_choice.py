@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from dkm_palett.dkm_binned import grid_points
+from dkm_palett.dkm_binned import ValueRange, grid_points
 
 MAX_GRID_ENTRIES = 1 << 22  # binned DKM: at most this many grid points over all LUTs (float64 per-point cubics)
 FUSED_MAX_CLUSTERS = 17  # auto: exact fused kernels up to 4 bits (+ an extra centroid) on LUTs under BINNED_MIN_POINTS
@@ -29,10 +29,12 @@ _log = logging.getLogger(__name__)
 
 
 def choose(cfg, cluster_dim: int, n_clusters: int, x: torch.Tensor, c0: torch.Tensor,
-           exact_dtype: Optional[torch.dtype], weighted: bool, name: str) -> tuple[str, int]:
+           exact_dtype: Optional[torch.dtype], weighted: bool, name: str,
+           bounds: Optional[ValueRange] = None) -> tuple[str, int]:
     """``(engine, grid points)`` for one DKM forward of the layer ``name`` with settings ``cfg``, grouped weights
-    ``x (G, N, cluster_dim)``, start centroids ``c0``, ``exact_dtype`` (fp16/bf16 weights that bin exactly, else
-    None) and ``weighted`` (sensitivity weights on). ``grid points`` is 0 except for the fp32 grid."""
+    ``x (G, N, cluster_dim)`` (``bounds``: the :class:`ValueRange` of ``x[..., 0]`` the grid will use), start
+    centroids ``c0``, ``exact_dtype`` (fp16/bf16 weights that bin exactly, else None) and ``weighted`` (sensitivity
+    weights on). ``grid points`` is 0 except for the fp32 grid."""
     exact = "fused" if x.device.type == "cpu" and x.dtype == torch.float32 else "dense"
     if cluster_dim != 1 or cfg.palett_mode != "dkm":
         return "dense", 0
@@ -43,7 +45,7 @@ def choose(cfg, cluster_dim: int, n_clusters: int, x: torch.Tensor, c0: torch.Te
     if cfg.dkm_impl == "auto" and exact == "fused" and n_clusters <= FUSED_MAX_CLUSTERS and (
             n_clusters <= FUSED_ALWAYS_MAX_CLUSTERS or x.shape[1] < BINNED_MIN_POINTS):
         return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
-    bins = grid_points(x[..., 0], c0, cfg.palett_tau)
+    bins = grid_points(x[..., 0], c0, cfg.palett_tau, bounds)
     if cfg.dkm_impl == "binned":
         cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
         if bins > cap:

@@ -14,7 +14,7 @@ from dkm_palett import engine_choice, recompute
 from dkm_palett.kmeans.histogram import histogram_points
 from dkm_palett.budget import MemoryBudget
 from dkm_palett.config.training import ModuleDKMPalettizerConfig
-from dkm_palett.dkm_binned import BinnedDKM
+from dkm_palett.dkm_binned import BinnedDKM, ValueRange
 from dkm_palett.dkm_math import DenseDKM, DKMParams, chunk_rows
 from dkm_palett.dkm_sensitivity import Sensitivity, active_weights, factor_shapes
 from dkm_palett.layer_settings import DKMLayerSettings
@@ -145,10 +145,11 @@ class FakePalettize(nn.Module):
         """The DKM memory this layer may use now (shared with the model's other layers, see budget.py)."""
         return self.memory_budget.free(self.settings.palett_max_mem, device)
 
-    def engine(self, weight: torch.Tensor, x: torch.Tensor, c0: torch.Tensor) -> tuple[str, int]:
+    def engine(self, weight: torch.Tensor, x: torch.Tensor, c0: torch.Tensor,
+               bounds: Optional[ValueRange] = None) -> tuple[str, int]:
         """``(name, grid points)`` of the DKM implementation for this step (:func:`engine_choice.choose`)."""
         return engine_choice.choose(self.settings, self.spec.cluster_dim, self.n_clusters, x, c0,
-                                    self._exact_dtype(weight), self.sensitivity_weighted, self.name)
+                                    self._exact_dtype(weight), self.sensitivity_weighted, self.name, bounds)
 
     def _exact_dtype(self, weight: torch.Tensor) -> Optional[torch.dtype]:
         """fp16/bf16 weights (unscaled): the binned DKM then keeps one bin per distinct value and is exact."""
@@ -236,12 +237,13 @@ class FakePalettize(nn.Module):
         self.split_duplicates(x.detach())
         p = self.params()
         c0 = self.centroids.to(x.dtype).clone()
-        choice = self.engine(weight, x, c0)
+        bounds = ValueRange(x.detach()[..., 0])  # one min/max pass for the engine choice and the grid, when used
+        choice = self.engine(weight, x, c0, bounds)
         # palett_max_mem: half of the budget for the chunk working set, half for the attention cache (the fused
         # kernels use neither: fixed blocks, nothing kept, so they skip reading the free memory)
         budget = 0.0 if choice[0] == "fused" else self._budget(x.device) / 2
         rows = chunk_rows(self.n_clusters, self.spec.cluster_dim, budget, x.shape[0])
-        out, c = self._dkm(x, c0, p, rows, budget, choice, weight)
+        out, c = self._dkm(x, c0, p, rows, budget, choice, weight, bounds)
         dense = getattr(out.grad_fn, "engine", None)  # the dense engine keeps its attention for backward
         if dense is not None and dense.cache is not None:
             self.memory_budget.hold(dense, dense.cache_size(self.n_clusters))
@@ -278,15 +280,16 @@ class FakePalettize(nn.Module):
         self.centroids.copy_(self.final_lut(x, mean=True))
         self.steps += 1
 
-    def _dkm(self, x, c0, p: DKMParams, rows: int, budget: float, choice: tuple[str, int], weight: torch.Tensor):
-        """One DKM forward with the implementation ``choice`` from :meth:`engine`."""
+    def _dkm(self, x, c0, p: DKMParams, rows: int, budget: float, choice: tuple[str, int], weight: torch.Tensor,
+             bounds: Optional[ValueRange] = None):
+        """One DKM forward with the implementation ``choice`` from :meth:`engine` (``bounds``: ``x``'s range)."""
         name, bins = choice
         if name == "fused":
             from dkm_palett.dkm_fused import FusedDKM  # numba: imported (and compiled, or loaded from cache) on use
 
             return FusedDKM.apply(x, c0, p, self.sensitivity())
         if name == "binned":
-            return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows, self.sensitivity())
+            return BinnedDKM.apply(x, c0, p, bins, self._exact_dtype(weight), rows, self.sensitivity(), bounds)
         return DenseDKM.apply(x, c0, p, rows, budget, self.sensitivity())
 
     def _replay(self, weight: torch.Tensor, c0: torch.Tensor, p: DKMParams, rows: int, choice,
