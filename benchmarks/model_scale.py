@@ -106,6 +106,7 @@ def _end_of_pipeline(pal, model, inputs, out: dict, coreml: bool) -> None:
 
 def worker(spec: dict) -> dict:
     import logging
+    import resource
     import statistics
     import warnings
 
@@ -117,8 +118,6 @@ def worker(spec: dict) -> dict:
     from scale_models import build, loss_of
 
     if spec["impl"] == "coremltools":
-        import resource
-
         cap = int(spec["cap_gib"] * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     torch.manual_seed(0)
@@ -141,9 +140,9 @@ def worker(spec: dict) -> dict:
             out["palett_tau"] = ModuleDKMPalettizerConfig().palett_tau  # the default (cells before 2026-12-07: 1e-4)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
-    times = []
+    times, sys_s, faults = [], [], []
     for i in range(1 + spec["steps"]):
-        t0 = time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_of(model, inputs, targets)
         loss.backward()
@@ -151,10 +150,14 @@ def worker(spec: dict) -> dict:
         if pal is not None:
             pal.step()
         times.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        sys_s.append(r1.ru_stime - r0.ru_stime)  # system CPU: mostly page faults (zeroing pages glibc unmapped)
+        faults.append((r1.ru_minflt - r0.ru_minflt) * resource.getpagesize() / 2 ** 30)
         if i == 0:
             out["first_peak_mib"] = peak_rss_mib()
         print(f"step {i}: {times[-1]:.2f} s, peak {peak_rss_mib():.0f} MiB", file=sys.stderr, flush=True)
     out.update(first_s=times[0], step_s=statistics.median(times[1:]), steps_s=times[1:],
+               step_sys_s=statistics.median(sys_s[1:]), step_fault_gib=statistics.median(faults[1:]),
                peak_mib=peak_rss_mib(), loss=float(loss))
     opt.zero_grad(set_to_none=True)
     if spec["impl"] == "ours" and (spec.get("end") or spec.get("coreml")):

@@ -94,19 +94,32 @@ def _untrimmed(ours: dict) -> str:
 
 
 def _trim_table(results: dict) -> list[str]:
-    """DKM's peak against plain training with and without the same heap trim (``plain-trim`` cells)."""
-    lines = ["| model | input | bits | DKM iterations | plain peak RSS | plain peak RSS, heap trimmed as DKM does "
-             "| DKM peak RSS | DKM/plain peak | DKM/trimmed plain peak |", "|---|---|---|---|---|---|---|---|---|"]
+    """DKM against plain training with and without the same heap policy (``plain-trim`` cells): step time with its
+    system CPU time (mostly page faults) and peak memory."""
+    lines = ["| model | input | bits | DKM iterations | plain step (system time) | plain step, heap as DKM keeps it "
+             "| DKM step | DKM/plain step | DKM/same-heap plain step | plain peak RSS | plain peak RSS, heap as DKM "
+             "keeps it | DKM peak RSS | DKM/plain peak | DKM/same-heap plain peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     found = False
     for model, tokens, bits, iters, plain, ours, _ in _cells(results):
-        trimmed = results.get(f"{model}/{tokens}/plain-trim")
-        if not (_ok(ours) and _ok(trimmed) and "heap_reuse" in ours and "heap_reuse" in trimmed):
+        same = results.get(f"{model}/{tokens}/plain-trim")
+        if not (_ok(ours) and _ok(same) and "heap_reuse" in ours and "heap_reuse" in same):
             continue
         found = True
-        peak, base = ours["peak_mib"], (plain or {}).get("peak_mib")
-        lines.append(f"| {model} | 1x{tokens} | {bits} | {iters} | {_gib(base)} | {_gib(trimmed['peak_mib'])} "
-                     f"| {_gib(peak)} | {_ratio(peak, base)} | {_ratio(peak, trimmed['peak_mib'])} |")
+        plain = plain or {}
+        peak, base = ours["peak_mib"], plain.get("peak_mib")
+        lines.append(f"| {model} | 1x{tokens} | {bits} | {iters} | {_with_sys(plain)} | {_with_sys(same)} "
+                     f"| {_with_sys(ours)} | {_ratio(ours['step_s'], plain.get('step_s'))} "
+                     f"| {_ratio(ours['step_s'], same['step_s'])} | {_gib(base)} | {_gib(same['peak_mib'])} "
+                     f"| {_gib(peak)} | {_ratio(peak, base)} | {_ratio(peak, same['peak_mib'])} |")
     return lines if found else []
+
+
+def _with_sys(cell: dict) -> str:
+    """A cell's step time and, where recorded (since 2026-12-07), its system CPU time a step."""
+    if cell.get("step_sys_s") is None:
+        return _s(cell.get("step_s"))
+    return f"{_s(cell.get('step_s'))} ({_s(cell['step_sys_s'])})"
 
 
 def _load(*cells) -> str:
@@ -237,14 +250,16 @@ def write_report(results: dict) -> str:
     trim = _trim_table(results)
     if trim:
         doc += ["DKM training manages the C heap (`dkm_palett.heap`, glibc): from 1 GiB of DKM weights (the 350M and "
-                "1.1B decoders) glibc serves every tensor from its heap, so what a step frees is reused rather than "
-                "unmapped and faulted back, and the free heap at each step's first DKM forward is its baseline; "
-                "before a DKM module's backward, `malloc_trim` once the free heap grew a sixteenth of the DKM "
-                "weights (64-256 MiB) over it; under 1 GiB, glibc's defaults and also a trim before each module of "
-                "32 MiB or more. Cells marked *(older heap policy)* ran under the policy before 2026-12-07 (a trim "
-                "before every module of 32 MiB or more, growth counted from the last trim), *(no trim)* before any. "
-                "Plain training keeps freed memory resident for reuse, so part of the gap to plain, in either "
-                "direction, is glibc's. The like-for-like baseline: plain training under the same policy before the "
+                "1.1B decoders) glibc serves every tensor from its heap and never trims the heap's top by itself, so "
+                "what a step frees (last step's gradients, each layer's transients) is reused rather than unmapped "
+                "and faulted back; the free heap at each step's first DKM forward is its baseline, and before a DKM "
+                "module's backward `malloc_trim` runs once the free heap grew a sixteenth of the DKM weights "
+                "(64-256 MiB) over it; under 1 GiB, glibc's defaults and also a trim before each module of 32 MiB or "
+                "more. Cells marked *(older heap policy)* ran under the policy before 2026-12-07 (a trim before "
+                "every module of 32 MiB or more, growth counted from the last trim), *(no trim)* before any. Page "
+                "faults are slow on this machine (about 3 us a page): plain training with glibc's defaults spends "
+                "much of its step in the system CPU time shown in brackets (glibc maps and unmaps every tensor of "
+                "32 MiB or more), so the like-for-like baseline is plain training under the same policy before the "
                 "same modules (`--impls plain-trim`, its own process; today's policy only):", "", *trim, ""]
     ct = _ct_table(results)
     if ct:
