@@ -257,7 +257,7 @@ def write_report(results: dict) -> str:
                 "(64-256 MiB) over it; under 1 GiB, glibc's defaults and also a trim before each module of 32 MiB or "
                 "more. Cells marked *(older heap policy)* ran under the policy before 2026-12-07 (a trim before "
                 "every module of 32 MiB or more, growth counted from the last trim), *(no trim)* before any. Page "
-                "faults are slow on this machine (about 3 us a page): plain training with glibc's defaults spends "
+                "faults are slow on this machine (5-10 us of system time a page): plain training with glibc's defaults spends "
                 "much of its step in the system CPU time shown in brackets (glibc maps and unmaps every tensor of "
                 "32 MiB or more), so the like-for-like baseline is plain training under the same policy before the "
                 "same modules (`--impls plain-trim`, its own process; today's policy only):", "", *trim, ""]

@@ -55,8 +55,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 #: -1: glibc never trims the top of the heap on free (mallopt(3)), so the trims below are the only ones. With a 1 GiB
 #: threshold instead, ``zero_grad`` freeing a 1.1B model's 4.4 GB of gradients into the top made glibc return them,
 #: and the next backward faulted them back: 3-4 GiB of page faults and 8-12 s of system CPU time in a 18 s step
-#: (this machine's faults cost about 3 us a page), 1-1.3 GiB and 0.5 s in a 350M decoder's 5.1-5.4 s step. At -1,
-#: back to back: 1.1B 12.3 s a step with no faults after the second, peak 10.3 GiB (10.5 at 1 GiB); 350M 4.9 s.
+#: (this machine's faults cost 5-10 us of system time a page), 1-1.3 GiB and 0.5 s in a 350M decoder's 5.1-5.4 s
+#: step. At -1, back to back: 1.1B 12.3 s a step with no faults after the second, peak 10.3 GiB (10.5 at 1 GiB; the
+#: benchmark cells read 10.5-11.0); 350M 4.9 s.
 TOP_TRIM_THRESHOLD = -1
 GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
 #: glibc's largest automatic mmap threshold on 64-bit systems (``DEFAULT_MMAP_THRESHOLD_MAX``): with glibc's
