@@ -145,22 +145,26 @@ def test_coremltools_table_gives_same_settings_and_defaults_ratios():
 
 
 def test_trim_table_divides_by_both_plain_baselines():
-    """The heap-trim table gives DKM's peak over plain training as users run it and over plain training with the
-    same heap trim (``plain-trim`` cells); DKM cells from before the trim are marked in the main table and left out
-    of this one."""
+    """The heap table gives DKM's step and peak over plain training as users run it and over plain training with
+    the same heap policy (``plain-trim`` cells), steps with their system time where recorded; DKM cells from before
+    the policy are marked in the main table and left out of this one."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from model_scale import cell_key
     from model_scale_report import _main_table, _trim_table
 
     base = dict(model="125m", tokens=128, bits=8, steps=3, params=134_000_000, first_s=10.0, step_s=1.0)
-    plain = {**base, "impl": "plain", "peak_mib": 1600.0}
-    trimmed = {**base, "impl": "plain-trim", "peak_mib": 1280.0, "heap_reuse": True}
-    ours = {**base, "impl": "ours", "iters": 1, "peak_mib": 1760.0, "heap_trim": True, "heap_reuse": True}
+    plain = {**base, "impl": "plain", "peak_mib": 1600.0, "step_s": 2.0, "step_sys_s": 1.5}
+    trimmed = {**base, "impl": "plain-trim", "peak_mib": 1280.0, "heap_reuse": True, "step_s": 0.8}
+    ours = {**base, "impl": "ours", "iters": 1, "peak_mib": 1760.0, "heap_trim": True, "heap_reuse": True,
+            "step_s": 3.0, "step_sys_s": 0.25}
     results = {cell_key(c): c for c in (plain, trimmed, ours)}
     assert cell_key(trimmed) == "125m/128/plain-trim"
     header, _, row = _trim_table(results)
     cells = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
-    assert cells["DKM/plain peak"] == "1.10x" and cells["DKM/trimmed plain peak"] == "1.38x"
+    assert cells["DKM/plain peak"] == "1.10x" and cells["DKM/same-heap plain peak"] == "1.38x"
+    assert cells["DKM/plain step"] == "1.50x" and cells["DKM/same-heap plain step"] == "3.75x"
+    assert cells["plain step (system time)"] == "2.00 s (1.50 s)" and cells["DKM step"] == "3.00 s (0.25 s)"
+    assert cells["plain step, heap as DKM keeps it"] == "0.80 s"  # no system time recorded
     assert len([r for r in _main_table(results) if r.startswith("| 125m |")]) == 1  # plain-trim is no DKM row
     del ours["heap_reuse"]  # the policy before 2026-12-07: marked, and not paired with today's plain-trim cell
     assert _trim_table(results) == [] and "(older heap policy)" in _main_table(results)[2]
