@@ -41,7 +41,7 @@ def _cells(xs, nb, lo, inv_delta, last, cell, t):
         cell[i] = np.int32(left)
 
 
-@numba.njit(inline="always", fastmath=_FAST)
+@numba.njit(inline="always")
 def _buffers():
     return np.empty(BLOCK, np.int32), np.empty(BLOCK, np.float64)
 
