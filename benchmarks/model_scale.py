@@ -62,9 +62,9 @@ def _palettizer(impl: str, model, bits: int, iters=None, dkm_impl=None):
 
 def _trim_like_dkm(model) -> None:
     """Plain training with the heap policy dkm_palett applies (``dkm_palett.heap.arm``: glibc tuned to reuse its
-    heap, a trim before the backward of each module DKM would palettize, a weight above the default
-    ``weight_threshold``, once the free heap grew past ``FREE_HEAP_LIMIT`` over the step's baseline). The
-    like-for-like baseline for DKM's peak memory."""
+    heap, and before the backward of each module DKM would palettize, a weight above the default
+    ``weight_threshold``, a trim once the free heap grew past ``heap.trim_limit()`` over the step's baseline). The
+    like-for-like baseline for DKM's peak memory and step time."""
     import torch
 
     sys.path.insert(0, ROOT)
