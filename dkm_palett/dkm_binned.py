@@ -42,16 +42,28 @@ LAGRANGE = ((0.0, -1 / 3, 1 / 2, -1 / 6), (1.0, -1 / 2, -1.0, 1 / 2),
 
 
 class ValueRange:
-    """Each group's smallest and largest weight, ``(lo (G,), hi (G,))`` of ``x (G, N)``, from one pass of each on
-    first use: the engine choice (:func:`grid_points`) and the grid (:class:`_Grid`) of one forward share them."""
+    """Each group's smallest and largest weight, ``(lo (G,), hi (G,))`` of ``x (G, N)``, from one pass on first use:
+    the finiteness check (:meth:`finite`), the engine choice (:func:`grid_points`) and the grid (:class:`_Grid`) of
+    one forward share it. On CPU float32 one numba pass (:func:`dkm_palett.binned_kernels.value_range`), elsewhere
+    ``amin`` and ``amax``; a group holding NaN or Inf gets a non-finite bound either way."""
 
     def __init__(self, x: torch.Tensor):
         self._x, self._bounds = x, None
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._bounds is None:
-            self._bounds, self._x = (self._x.amin(1), self._x.amax(1)), None
+            x, self._x = self._x, None
+            if x.device.type == "cpu" and x.dtype == torch.float32:
+                from dkm_palett import binned_kernels  # numba: imported (and compiled, or loaded from cache) on use
+
+                self._bounds = tuple(torch.from_numpy(b) for b in binned_kernels.value_range(x.contiguous().numpy()))
+            else:
+                self._bounds = (x.amin(1), x.amax(1))
         return self._bounds
+
+    def finite(self) -> bool:
+        """Whether every weight is finite (NaN propagates to both bounds, an Inf is one)."""
+        return bool(torch.isfinite(torch.stack(self.get())).all())
 
 
 def grid_points(x: torch.Tensor, c: torch.Tensor, tau: float, bounds: Optional[ValueRange] = None) -> int:
@@ -92,11 +104,6 @@ def _np32(t: Optional[torch.Tensor]):
     return None if t is None else t.detach().to(torch.float32).contiguous().numpy()
 
 
-def _ahead(t: torch.Tensor, s: int) -> torch.Tensor:
-    """``out[..., b, :] = t[..., b + s, :]`` along dim 1 (zero past the end)."""
-    return t if s == 0 else torch.nn.functional.pad(t[:, s:], (0, 0) * (t.dim() - 2) + (0, s))
-
-
 def _behind(t: torch.Tensor, s: int) -> torch.Tensor:
     """``out[:, b] = t[:, b - s]`` (zero before the start), for ``(G, B)``."""
     return t if s == 0 else torch.nn.functional.pad(t[:, :-s], (s, 0))
@@ -104,6 +111,21 @@ def _behind(t: torch.Tensor, s: int) -> torch.Tensor:
 
 def _basis(dtype, device) -> torch.Tensor:
     return torch.tensor(LAGRANGE, dtype=dtype, device=device)  # (4 stencil points, 4 powers)
+
+
+@functools.lru_cache(maxsize=8)
+def _stencils(dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid's stencil sums as ``conv1d`` weights (one op each, instead of four shifted copies and their sum):
+    ``spread`` ``(1, 4 powers, 4 taps)``, tap ``k`` reading point ``j - 3 + k`` (left padding 3); ``cubic``
+    ``(4 powers, 1, 4 taps)`` and ``grad`` ``(12, 2, 4)``, tap ``k`` reading point ``b + k`` (right padding 3).
+    ``grad``'s outputs: ``g_h0`` and ``g_h1`` against ``L_k'(t)``, then ``g_h1`` against ``(p + 1) L_k(t)``. Made once
+    per dtype and device (read-only constants)."""
+    basis = _basis(dtype, device)
+    powers = torch.arange(4, dtype=dtype, device=device)
+    d_basis = torch.nn.functional.pad(basis[:, 1:] * powers[1:], (0, 1))  # L_s'(t), coefficient of t^p
+    grad = torch.zeros(12, 2, 4, dtype=dtype, device=device)
+    grad[0:4, 0], grad[4:8, 1], grad[8:12, 1] = d_basis.T, d_basis.T, (basis * (powers + 1)).T
+    return basis.flip(0).T.unsqueeze(0).contiguous(), basis.T.unsqueeze(1).contiguous(), grad
 
 
 class _Grid:
@@ -150,9 +172,10 @@ class _Grid:
         return sums.reshape(-1, self.groups, self.bins)
 
     def _spread(self, sums: torch.Tensor) -> torch.Tensor:
-        """Per-cell sums of ``q t^p`` (p = 0..3) -> per-point sums of ``q L_{j-b}(t)``, ``(G, B)``."""
-        basis = _basis(sums.dtype, sums.device)
-        return sum(_behind(torch.einsum("p,pgb->gb", basis[s], sums[:4]), s) for s in range(4))
+        """Per-cell sums of ``q t^p`` (p = 0..3) -> per-point sums ``h_j = sum_s sum_p L_s[p] sums[p, j - s]`` of
+        ``q L_{j-b}(t)``, ``(G, B)``."""
+        spread = _stencils(sums.dtype, sums.device)[0]
+        return torch.nn.functional.conv1d(torch.nn.functional.pad(sums[:4].transpose(0, 1), (3, 0)), spread)[:, 0]
 
     def moments(self, x: torch.Tensor, om: Optional[torch.Tensor] = None):
         """Interpolation moments ``h0_j = sum om L_j(x)``, ``h1_j = sum om L_j(x) x`` ``(G, B)`` float64, with
@@ -173,22 +196,20 @@ class _Grid:
 
     def cubic(self, table: torch.Tensor) -> torch.Tensor:
         """Per cell, the coefficients of ``sum_s L_s(t) table[b + s]`` in powers of t, ``(G, B, 4)``."""
-        basis = _basis(table.dtype, table.device)
-        return sum(_ahead(table, s).unsqueeze(-1) * basis[s] for s in range(4))
+        cubic = _stencils(table.dtype, table.device)[1]
+        out = torch.nn.functional.conv1d(torch.nn.functional.pad(table.unsqueeze(1), (0, 3)), cubic)
+        return out.transpose(1, 2).contiguous()
 
     def grad_coefficients(self, cubic: torch.Tensor, g_h0: torch.Tensor, g_h1: torch.Tensor) -> torch.Tensor:
         """``(G, B, 7)``: per cell the quadratic ``Q`` (the output's slope ``dT~/dx``) and the cubic ``P`` with
         ``dL/dx = g Q(t) + P(t)``. ``P`` is ``x``'s path through the moments: ``d L_s / dx = L_s'(t) / delta`` and
         ``d (L_s x) / dx = L_s'(t) e_{b+1} / delta + t L_s'(t) + L_s(t)``."""
-        basis = _basis(cubic.dtype, cubic.device)
         powers = torch.arange(4, dtype=cubic.dtype, device=cubic.device)
-        d_basis = torch.nn.functional.pad(basis[:, 1:] * powers[1:], (0, 1))  # L_s'(t), coefficient of t^p
-        slope = cubic[..., 1:] * powers[1:] / self.delta.unsqueeze(-1)
-        moment = 0
-        for s in range(4):
-            h0, h1 = _ahead(g_h0, s).unsqueeze(-1), _ahead(g_h1, s).unsqueeze(-1)
-            moment = moment + (h0 + h1 * self.anchor.unsqueeze(-1)) / self.delta.unsqueeze(-1) * d_basis[s] \
-                + h1 * basis[s] * (powers + 1)
+        delta = self.delta.unsqueeze(-1)
+        slope = cubic[..., 1:] * powers[1:] / delta
+        stencil = _stencils(cubic.dtype, cubic.device)[2]
+        o = torch.nn.functional.conv1d(torch.nn.functional.pad(torch.stack([g_h0, g_h1], 1), (0, 3)), stencil)
+        moment = ((o[:, 0:4] + self.anchor.unsqueeze(1) * o[:, 4:8]) / delta + o[:, 8:12]).transpose(1, 2)
         return torch.cat([slope, moment], dim=-1)
 
     def _poly(self, x: torch.Tensor, g: Optional[torch.Tensor], coef: torch.Tensor,

@@ -228,8 +228,8 @@ class FakePalettize(nn.Module):
             raise RuntimeError(f"{self.name}: DKM forward failed: {err}") from err
 
     def _palettize(self, weight: torch.Tensor) -> torch.Tensor:
-        check_finite(self.name, weight.detach())
         x, scale = self._prepare_input(weight)
+        bounds = self._checked_range(weight, x)
         if not bool(self.initialized):
             self.initialize(x.detach())
         if not self.training or self.hard:
@@ -237,7 +237,6 @@ class FakePalettize(nn.Module):
         self.split_duplicates(x.detach())
         p = self.params()
         c0 = self.centroids.to(x.dtype).clone()
-        bounds = ValueRange(x.detach()[..., 0])  # one min/max pass for the engine choice and the grid, when used
         choice = self.engine(weight, x, c0, bounds)
         # palett_max_mem: half of the budget for the chunk working set, half for the attention cache (the fused
         # kernels use neither: fixed blocks, nothing kept, so they skip reading the free memory)
@@ -257,6 +256,20 @@ class FakePalettize(nn.Module):
             replay = getattr(out.grad_fn, "replay", None)  # fused, binned: the output pass only, from the weight
             recompute.register_output(result, weight, lambda: self._replay(weight, c0, p, rows, choice, replay))
         return result
+
+    def _checked_range(self, weight: torch.Tensor, x: torch.Tensor) -> Optional[ValueRange]:
+        """Raise ValueError if the weight holds NaN or Inf. For scalar LUTs the check is the :class:`ValueRange` of
+        the grouped weights ``x``, returned for the engine choice and the grid to share: one pass over the weight
+        for all three (a 1.1B decoder spends about 0.4 s a step on each pass)."""
+        if self.spec.cluster_dim > 1:
+            check_finite(self.name, weight.detach())
+            return None
+        bounds = ValueRange(x.detach()[..., 0])
+        if not bounds.finite():
+            check_finite(self.name, weight.detach())  # raises, with the count
+            raise ValueError(f"{self.name}: the weight is finite, but scaled per channel it holds NaN/Inf; "
+                             "check the weight's per-channel scale (enable_per_channel_scale).")
+        return bounds
 
     def _snap(self, x: torch.Tensor) -> torch.Tensor:
         """Each weight vector snapped to its entry of the LUT finalize ships (:meth:`final_lut`; in the hard phase of

@@ -307,14 +307,25 @@ def test_partition_size_gives_grouped_luts():
     assert lut_of(model).shape[0] == 4
 
 
-def test_nan_weights_raise_naming_module():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("extra", [{}, {"enable_per_channel_scale": True}, {"cluster_dim": 2}])
+def test_non_finite_weights_raise_naming_module(bad, extra):
+    """Before initialisation and on later steps, for scalar LUTs (checked by the range pass the grid shares, also
+    after per-channel scaling) and vector LUTs (a sum)."""
     model = mlp()
-    with torch.no_grad():
-        model[0].weight[0, 0] = float("nan")
-    pal = DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(weight_threshold=100)))
+    pal = DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(weight_threshold=100,
+                                                                                          **extra)))
     pal.prepare(inplace=True)
-    with pytest.raises(ValueError, match="0.weight holds 1 NaN/Inf"):
-        model(torch.randn(2, 32))
+    model(torch.randn(2, 32))
+    for step in range(2):  # 0: a trained layer; 1: a fresh one, before its k-means initialisation
+        with torch.no_grad():
+            model[0].parametrizations.weight.original[1, 3] = bad
+        with pytest.raises(ValueError, match="0.weight holds 1 NaN/Inf"):
+            model(torch.randn(2, 32))
+        model = mlp()
+        DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(weight_threshold=100,
+                                                                                         **extra))).prepare(
+            inplace=True)
 
 
 def test_check_finite_fast_path_is_exact():

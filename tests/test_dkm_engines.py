@@ -286,9 +286,12 @@ def test_auto_falls_back_to_exact_where_the_grid_would_be_too_fine(caplog):
     assert "capped" in caplog.text and "dkm_impl='auto' or 'dense'" in caplog.text
 
 
-def test_the_engine_choice_and_the_grid_read_the_weights_range_once(monkeypatch):
-    """A binned layer's forward needs each group's min and max twice (the grid size for the bound, then the grid):
-    one pass over the weight each (a 1.1B decoder spends about 0.3 s a step on each extra pair)."""
+def test_the_finiteness_check_the_engine_choice_and_the_grid_read_the_weights_once(monkeypatch):
+    """A binned layer's forward needs each group's min and max twice (the grid size for the bound, then the grid)
+    and must reject NaN/Inf weights: one pass over the weight for all three (a 1.1B decoder spends about 0.4 s a
+    step on each extra pass), and no other full-size reduction."""
+    from dkm_palett import binned_kernels
+
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(2048, 256))
     cfg = ModuleDKMPalettizerConfig(n_bits=4, weight_threshold=0)
@@ -296,9 +299,34 @@ def test_the_engine_choice_and_the_grid_read_the_weights_range_once(monkeypatch)
     layer.train()
     layer(torch.randn(2, 2048))  # initialises the centroids
     passes = []
-    for name in ("amin", "amax"):
+    for name in ("amin", "amax", "sum", "aminmax"):
         reduce = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=reduce, _n=name, **k: (
             passes.append(_n) if self.numel() == 2048 * 256 else None) or _r(self, *a, **k))
+    value_range = binned_kernels.value_range
+    monkeypatch.setattr(binned_kernels, "value_range", lambda x: (
+        passes.append("value_range") if x.size == 2048 * 256 else None) or value_range(x))
     layer(torch.randn(2, 2048)).sum().backward()
-    assert sorted(passes) == ["amax", "amin"]  # none at all: the layer did not run the grid
+    assert passes == ["value_range"]  # none at all: the layer did not check or run the grid
+
+
+def test_value_range_is_amin_and_amax_and_flags_non_finite_groups():
+    """The one-pass range: exactly ``amin``/``amax`` per row (tails shorter than a work item included), and both
+    bounds NaN for a row holding NaN, +Inf or -Inf (so ``finite()`` is False), on the kernel and the torch path."""
+    from dkm_palett import binned_kernels
+    from dkm_palett.dkm_binned import ValueRange
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, binned_kernels.CHUNK * 2 + 77, generator=gen)
+    x[1, 5] = -0.0
+    x[2] *= 1e30
+    lo, hi = ValueRange(x).get()
+    assert torch.equal(lo, x.amin(1)) and torch.equal(hi, x.amax(1)) and ValueRange(x).finite()
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[3, -1] = bad  # in the tail
+        lo, hi = ValueRange(y).get()
+        assert lo[3].isnan() and hi[3].isnan()
+        assert torch.equal(lo[[0, 1, 2, 4]], x.amin(1)[[0, 1, 2, 4]])
+        assert not ValueRange(y).finite() and not ValueRange(y.double()).finite()  # kernel, torch path
+    assert ValueRange(x.double()).finite()
