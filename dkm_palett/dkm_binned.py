@@ -13,7 +13,8 @@
 
 Nothing per weight is kept for backward: the cell and position of each weight are recomputed from the weight with
 the same operations, so they are bit-identical to the forward's. On CPU the passes over the weights are numba
-kernels (:mod:`dkm_palett.binned_kernels`, no per-weight temporaries); elsewhere torch, in chunks.
+kernels (:mod:`dkm_palett.binned_kernels`, no per-weight temporaries), and so is the per-point DKM between them in
+``palett_mode="dkm"`` (:mod:`dkm_palett.binned_points`); elsewhere torch, in chunks.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dkm_palett.dkm_math import DKMParams, PointDKM
+from dkm_palett.dkm_math import DKMParams, PointDKM, quantized
 from dkm_palett.dkm_sensitivity import Sensitivity, active_weights
 
 # grid step = GRID_KAPPA * tau / (largest gap between neighbouring centroids). Measured on 20k weights, 2 iterations
@@ -104,11 +105,6 @@ def _np32(t: Optional[torch.Tensor]):
     return None if t is None else t.detach().to(torch.float32).contiguous().numpy()
 
 
-def _behind(t: torch.Tensor, s: int) -> torch.Tensor:
-    """``out[:, b] = t[:, b - s]`` (zero before the start), for ``(G, B)``."""
-    return t if s == 0 else torch.nn.functional.pad(t[:, :-s], (s, 0))
-
-
 def _basis(dtype, device) -> torch.Tensor:
     return torch.tensor(LAGRANGE, dtype=dtype, device=device)  # (4 stencil points, 4 powers)
 
@@ -177,22 +173,31 @@ class _Grid:
         spread = _stencils(sums.dtype, sums.device)[0]
         return torch.nn.functional.conv1d(torch.nn.functional.pad(sums[:4].transpose(0, 1), (3, 0)), spread)[:, 0]
 
+    def power_sums(self, x: torch.Tensor, om: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per cell ``sum om t^p``, p < 5, ``(5, G, B)``: what :meth:`moments` makes the moments from."""
+        return self._sums(x, om, 5)
+
     def moments(self, x: torch.Tensor, om: Optional[torch.Tensor] = None):
         """Interpolation moments ``h0_j = sum om L_j(x)``, ``h1_j = sum om L_j(x) x`` ``(G, B)`` float64, with
         ``x = e_{b+1} + t delta`` in its cell ``b`` and point weights ``om (G, N)`` (None: 1)."""
-        sums = self._sums(x, om, 5)
+        sums = self.power_sums(x, om)
         h0 = self._spread(sums)
         h1 = self._spread(sums[:4] * self.anchor + sums[1:] * self.delta)  # x t^p = e_{b+1} t^p + delta t^(p+1)
         used = sums[0] > 0
-        touched = used | _behind(used, 1) | _behind(used, 2) | _behind(used, 3)  # points some weight reads
+        touched = torch.nn.functional.max_pool1d(torch.nn.functional.pad(used.unsqueeze(1).double(), (3, 0)), 4, 1)[
+            :, 0] > 0  # points some weight reads: point j is read by the cells j - 3 .. j
         width = int(touched.sum(1).max())
         self.order = torch.argsort((~touched).to(torch.int8), dim=1, stable=True)[:, :width]
         return h0, h1
 
+    def table_sums(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per cell ``sum g t^p``, p < 4, ``(4, G, B)``: what :meth:`table_grad` spreads over the grid points."""
+        return self._sums(x, g, 4)
+
     def table_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``dL/dtable (G, B)`` of :meth:`interpolate` for ``g = dL/dout``: each weight's gradient spread over its
         four grid points with the weights ``L_s(t)``."""
-        return self._spread(self._sums(x, g, 4))
+        return self._spread(self.table_sums(x, g))
 
     def cubic(self, table: torch.Tensor) -> torch.Tensor:
         """Per cell, the coefficients of ``sum_s L_s(t) table[b + s]`` in powers of t, ``(G, B, 4)``."""
@@ -257,6 +262,23 @@ class _Grid:
     def expand(self, t: torch.Tensor) -> torch.Tensor:
         """``(G, P)`` -> ``(G, B)``; untouched grid points (never read) get the padding's values or 0."""
         return torch.zeros(self.groups, self.bins, dtype=t.dtype, device=t.device).scatter_(1, self.order, t)
+
+
+def _grid_dkm(grid: _Grid, x: torch.Tensor, om: Optional[torch.Tensor], c0: torch.Tensor, p: DKMParams, rows: int):
+    """The per-point stage of a grid forward: ``(engine, c_T (G, K, 1), per-cell cubics (G, B, 4))``, float64. On CPU
+    float32 weights in ``palett_mode="dkm"`` without ``palett_lambda``, the numba kernels of
+    :mod:`dkm_palett.binned_points` (three calls); otherwise :class:`PointDKM` on the touched points (torch)."""
+    if grid._kernel_args(x) is not None and p.mode == "dkm" and p.lam == 0:
+        from dkm_palett.binned_points import GridPoints  # numba: imported (and compiled, or loaded from cache) on use
+
+        engine = GridPoints(grid.power_sums(x, om).numpy(), grid.points.numpy(), grid.anchor.numpy(),
+                            grid.delta.reshape(-1).numpy(), p.tau, p.zero_index)
+        c = torch.from_numpy(engine.run(c0[..., 0].contiguous().numpy(), p.max_iter, p.epsilon)).unsqueeze(-1)
+        return engine, c, torch.from_numpy(engine.cubic(quantized(c, p)[..., 0].numpy()))
+    h0, h1 = (grid.compact(h) for h in grid.moments(x, om))
+    engine = PointDKM(grid.compact(grid.points).unsqueeze(-1), h0, h1.unsqueeze(-1), p, rows)
+    c = engine.run(c0)
+    return engine, c, grid.cubic(grid.expand(engine.table()[..., 0]))
 
 
 def _value_codes(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -331,10 +353,7 @@ class BinnedDKM(torch.autograd.Function):
             ctx.state = (engine, (exact_dtype, remap), None)
         else:
             grid = _Grid(xd, bins, bounds)
-            h0, h1 = (grid.compact(h) for h in grid.moments(xd, om))
-            engine = PointDKM(grid.compact(grid.points).unsqueeze(-1), h0, h1.unsqueeze(-1), p, rows)
-            c = engine.run(c0.detach().to(f64))
-            tab = grid.cubic(grid.expand(engine.table()[..., 0]))
+            engine, c, tab = _grid_dkm(grid, xd, om, c0.detach().to(f64), p, rows)
             ctx.replay = functools.partial(_replay_grid, grid, tab)
             out = ctx.replay(x.detach())
             ctx.sq_error = grid.sq_error  # FakePalettize's clustering error, without another pass
@@ -356,8 +375,8 @@ class BinnedDKM(torch.autograd.Function):
             sens.record(g_out)
         (x,) = ctx.saved_tensors
         xd, g = x.detach()[..., 0], g_out[..., 0]
-        shape = engine.e.shape[:2]
-        if isinstance(grid, tuple):  # distinct values: dL/dx = g * T'(x) + (the bin's share of the centroid path)
+        if isinstance(grid, tuple):
+            shape = engine.e.shape[:2]  # distinct values: dL/dx = g * T'(x) + (the bin's share of the centroid path)
             idx = _value_index(xd, *grid)
 
             def per_weight(table: torch.Tensor) -> torch.Tensor:
@@ -370,7 +389,10 @@ class BinnedDKM(torch.autograd.Function):
             g_x = per_weight(own[..., 0]).mul_(g)
             g_x += per_weight(g_h1[..., 0] + g_e[..., 0] / engine.h0.clamp_min(1))
             return g_x.unsqueeze(-1), None, None, None, None, None, None, None
-        g_t = grid.table_grad(xd, g)
-        g_h0, g_h1, _, _ = engine.backward(grid.compact(g_t).unsqueeze(-1), want_e=False)
-        coef = grid.grad_coefficients(tab, grid.expand(g_h0), grid.expand(g_h1[..., 0]))
+        if isinstance(engine, PointDKM):
+            g_t = grid.table_grad(xd, g)
+            g_h0, g_h1, _, _ = engine.backward(grid.compact(g_t).unsqueeze(-1), want_e=False)
+            coef = grid.grad_coefficients(tab, grid.expand(g_h0), grid.expand(g_h1[..., 0]))
+        else:  # the numba per-point stage (binned_points.GridPoints)
+            coef = torch.from_numpy(engine.grad_coefficients(grid.table_sums(xd, g).numpy()))
         return grid.weight_grad(xd, g, coef, om).unsqueeze(-1), None, None, None, None, None, None, None

@@ -113,20 +113,20 @@ def test_binned_recompute_runs_only_the_output_pass(monkeypatch):
     again in backward (the values: test_recomputed_weight_is_bit_identical_to_stored)."""
     from dkm_palett import dkm_binned
 
-    counts = {"moments": 0, "interpolate": 0}
+    counts = {"power_sums": 0, "interpolate": 0}  # power_sums: the histogram pass of both per-point stages
     for name in counts:
         method = getattr(dkm_binned._Grid, name)
         monkeypatch.setattr(dkm_binned._Grid, name, lambda self, *a, _m=method, _n=name: counts.__setitem__(
             _n, counts[_n] + 1) or _m(self, *a))
     per_mode = {}
     for recompute_on in (True, False):
-        counts.update(moments=0, interpolate=0)
+        counts.update(power_sums=0, interpolate=0)
         calls: list = []
         _train(CONFIGS["binned"], recompute_on, steps=2, calls=calls if recompute_on else None)
         per_mode[recompute_on] = (dict(counts), len(calls))
     (on, replays), (off, _) = per_mode[True], per_mode[False]
     assert replays == 2 * 5
-    assert on["moments"] == off["moments"] > 0
+    assert on["power_sums"] == off["power_sums"] > 0
     assert on["interpolate"] == off["interpolate"] + replays
 
 
