@@ -288,7 +288,7 @@ def test_auto_falls_back_to_exact_where_the_grid_would_be_too_fine(caplog):
 
 def test_the_finiteness_check_the_engine_choice_and_the_grid_read_the_weights_once(monkeypatch):
     """A binned layer's forward needs each group's min and max twice (the grid size for the bound, then the grid)
-    and must reject NaN/Inf weights: one pass over the weight for all three (a 1.1B decoder spends about 0.4 s a
+    and must reject NaN/Inf weights: one pass over the weight for all three (a 1.1B decoder spends about 0.2 s a
     step on each extra pass), and no other full-size reduction."""
     from dkm_palett import binned_kernels
 
