@@ -114,20 +114,28 @@ def _cubic_kernel(points, touched, c_prev, lut, inv_tau, cubic):
 
 
 @numba.njit(inline="always", cache=True)
+def _attention_backward(a, u, e, c, inv_tau, g_c):
+    """Backward of :func:`_attention` at ``e`` for ``dL/da = u``: the softmax's ``g_l = a (u - sum a u)``, then the
+    logits' ``dL/dc_k += 2 g_l_k (e - c_k) / tau`` into ``g_c``."""
+    dot = 0.0
+    for k in range(a.shape[0]):
+        dot += a[k] * u[k]
+    for k in range(a.shape[0]):
+        g_c[k] += 2.0 * inv_tau * (a[k] * (u[k] - dot)) * (e - c[k])
+
+
+@numba.njit(inline="always", cache=True)
 def _table_backward(points, touched, g, c_prev, lut, inv_tau, g_table, g_lut, g_prev):
     """Backward of the table: ``dL/dlut`` into ``g_lut``, ``dL/dc_prev`` (through the attention) into ``g_prev``."""
     k_n = lut.shape[1]
-    a = np.empty(k_n)
+    a, u = np.empty(k_n), np.empty(k_n)
     for j in range(touched.shape[1]):
         if touched[g, j]:
-            e = points[g, j]
-            _attention(e, c_prev[g], inv_tau, a)
-            t = 0.0
-            for k in range(k_n):
-                t += a[k] * lut[g, k]
+            _attention(points[g, j], c_prev[g], inv_tau, a)
             for k in range(k_n):
                 g_lut[k] += a[k] * g_table[j]
-                g_prev[k] += 2.0 * inv_tau * (a[k] * g_table[j] * (lut[g, k] - t)) * (e - c_prev[g, k])
+                u[k] = g_table[j] * lut[g, k]  # dL/da_k of T_j = sum_k a_k lut_k
+            _attention_backward(a, u, points[g, j], c_prev[g], inv_tau, g_prev)
 
 
 @numba.njit(inline="always", cache=True)
@@ -144,16 +152,12 @@ def _iteration_backward(points, h0, h1, touched, g, c, c_next, z, inv_tau, zero_
             g_prev[k] += gk
     for j in range(touched.shape[1]):
         if touched[g, j]:
-            e = points[g, j]
-            _attention(e, c[g], inv_tau, a)
-            dot = 0.0
+            _attention(points[g, j], c[g], inv_tau, a)
             for k in range(k_n):
-                g_w[k] = g_s[k] * h1[g, j] + g_z[k] * h0[g, j]
+                g_w[k] = g_s[k] * h1[g, j] + g_z[k] * h0[g, j]  # dL/da_k of c'_k's sums
                 g_h0[j] += g_z[k] * a[k]
                 g_h1[j] += g_s[k] * a[k]
-                dot += a[k] * g_w[k]
-            for k in range(k_n):
-                g_prev[k] += 2.0 * inv_tau * (a[k] * (g_w[k] - dot)) * (e - c[g, k])
+            _attention_backward(a, g_w, points[g, j], c[g], inv_tau, g_prev)
 
 
 @numba.njit(parallel=True, cache=True)
