@@ -125,11 +125,13 @@ def _poly_kernel(x, g, om, lo, inv_delta, last, coef, out, sq):
 _MAGNITUDE = np.int32(0x7FFFFFFF)
 
 
-@numba.njit(inline="always")
-def _ordered(bits):
+def _ordered_bits(bits):
     """A float32's bit pattern -> an int32 in the same order as the floats (-Inf < finite < +Inf, NaNs beyond
-    them by sign); its own inverse."""
+    them by sign); its own inverse. numpy int32 arrays here, one value in :func:`_range_kernel`."""
     return bits ^ ((bits >> np.int32(31)) & _MAGNITUDE)
+
+
+_ordered = numba.njit(inline="always")(_ordered_bits)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -148,7 +150,7 @@ def _range_kernel(bits, out):
         out[job, 0], out[job, 1] = lo, hi
 
 
-_ORDERED_INF = int(_ordered(np.array(np.inf, np.float32).view(np.int32)))
+_ORDERED_INF = int(_ordered_bits(np.array(np.inf, np.float32).view(np.int32)))
 
 
 def value_range(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +162,7 @@ def value_range(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = out.reshape(x.shape[0], items, 2)
     lo, hi = out[..., 0].min(1), out[..., 1].max(1)
     bad = (lo <= -_ORDERED_INF - 1) | (hi >= _ORDERED_INF)
-    lo, hi = (_ordered(v).view(np.float32) for v in (lo, hi))
+    lo, hi = (_ordered_bits(v).view(np.float32) for v in (lo, hi))
     lo[bad], hi[bad] = np.nan, np.nan
     return lo, hi
 

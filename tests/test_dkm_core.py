@@ -312,20 +312,19 @@ def test_partition_size_gives_grouped_luts():
 def test_non_finite_weights_raise_naming_module(bad, extra):
     """Before initialisation and on later steps, for scalar LUTs (checked by the range pass the grid shares, also
     after per-channel scaling) and vector LUTs (a sum)."""
-    model = mlp()
-    pal = DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(weight_threshold=100,
-                                                                                          **extra)))
-    pal.prepare(inplace=True)
-    model(torch.randn(2, 32))
-    for step in range(2):  # 0: a trained layer; 1: a fresh one, before its k-means initialisation
+    def prepared():
+        model = mlp()
+        cfg = ModuleDKMPalettizerConfig(weight_threshold=100, **extra)
+        DKMPalettizer(model, DKMPalettizerConfig(global_config=cfg)).prepare(inplace=True)
+        return model
+
+    trained = prepared()
+    trained(torch.randn(2, 32))
+    for model in (trained, prepared()):  # a trained layer; a fresh one, before its k-means initialisation
         with torch.no_grad():
             model[0].parametrizations.weight.original[1, 3] = bad
         with pytest.raises(ValueError, match="0.weight holds 1 NaN/Inf"):
             model(torch.randn(2, 32))
-        model = mlp()
-        DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(weight_threshold=100,
-                                                                                         **extra))).prepare(
-            inplace=True)
 
 
 def test_check_finite_fast_path_is_exact():
