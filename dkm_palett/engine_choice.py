@@ -44,7 +44,7 @@ def choose(cfg, cluster_dim: int, n_clusters: int, x: torch.Tensor, c0: torch.Te
         return (exact, 0) if weighted else ("binned", 0)
     if cfg.dkm_impl == "auto" and exact == "fused" and n_clusters <= FUSED_MAX_CLUSTERS and (
             n_clusters <= FUSED_ALWAYS_MAX_CLUSTERS or x.shape[1] < BINNED_MIN_POINTS):
-        return exact, 0  # before grid_points: two reductions over the weight a step that this choice never uses
+        return exact, 0  # before grid_points (its centroid sort; without bounds, a range pass)
     bins = grid_points(x[..., 0], c0, cfg.palett_tau, bounds)
     if cfg.dkm_impl == "binned":
         cap = max(16, MAX_GRID_ENTRIES // x.shape[0])
